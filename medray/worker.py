@@ -1,0 +1,273 @@
+"""The per-worker training function that Ray Train runs on every worker: LoRA SFT with TRL's SFTTrainer.
+
+Sections read top to bottom: 1 config, 2 model (unsloth is imported here, before trl/transformers/peft),
+3 data streamed from Ray, 4 trainer, 5 resume, 6 train, 7 return the history to the driver.
+
+The driver passes `{"medray": MedrayConfig.to_dict(), "plan": {...}}`; `plan` holds what the driver derived
+(`max_steps`, `run_dir`, `has_validation`, `trial`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from medray.config import MedrayConfig
+from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train one LoRA adapter; every worker runs this, rank 0 returns the history."""
+    # 1. Config: plain dicts crossed the Ray boundary; rebuild the typed tree.
+    cfg = MedrayConfig.from_dict(config["medray"])
+    plan = config["plan"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    # 2. Model. Imports unsloth (when chosen) before trl / transformers / peft are imported in this process.
+    backend = resolve_backend(cfg.model)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, tokenizer = load_model(cfg, backend, device)
+
+    # 3. Data: this worker's shard of the pre-tokenized splits, streamed from Ray Data.
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("validation") if plan["has_validation"] else None
+
+    # 4. Trainer. Batches are collated by the trainer's own collator (Unsloth's padding-free one on that backend).
+    trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
+    _add_metrics_callback(trainer, cfg, plan, rank, world_size, model)
+
+    # 5. Resume: a run restarted with the same name (or after a worker failure) continues from its last checkpoint.
+    resume_dir = _restore_checkpoint(ray.train.get_checkpoint())
+
+    # 6. Train.
+    output = trainer.train(resume_from_checkpoint=resume_dir)
+
+    # 7. Rank 0 returns the history; the driver writes summary.json and the report from it.
+    node_ids = _node_ids(world_size)  # a collective: every rank takes part
+    if rank != 0:
+        return None
+    return {
+        "log_history": trainer.state.log_history,
+        "global_step": trainer.state.global_step,
+        "best_metric": trainer.state.best_metric,
+        "best_step": _best_step(trainer.state),
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "backend": backend,
+        "resumed_from_step": _checkpoint_step(resume_dir),
+        "world_size": world_size,
+        "node_ids": node_ids,
+        "train_data_passes": trainer.ray_streams.train_passes,
+        "probe": _probe(trainer.model, plan.get("probe_input_ids")),
+    }
+
+
+def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard):
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig
+
+    args = SFTConfig(**_sft_arguments(cfg, plan, backend))
+    trainer = _streaming_trainer_class()(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=_as_hf_iterable(train_shard),
+        eval_dataset=_as_hf_iterable(eval_shard) if eval_shard is not None else None,
+        callbacks=[RayTrainReportCallback()],
+    )
+    collate = partial(_collate_rows, collator=trainer.data_collator)
+    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train.per_device_batch_size, collate)
+    if eval_shard is not None and cfg.train.early_stopping_patience > 0:
+        trainer.add_callback(
+            EarlyStoppingCallback(
+                early_stopping_patience=cfg.train.early_stopping_patience,
+                early_stopping_threshold=cfg.train.early_stopping_threshold,
+            )
+        )
+    return trainer
+
+
+def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dict[str, Any]:
+    precision = resolve_precision(cfg.train)
+    has_validation = plan["has_validation"]
+    # The HF gradient-checkpointing flag is for the hf backend; Unsloth installs its own in get_peft_model.
+    checkpointing = cfg.train.gradient_checkpointing and backend == "hf"
+    return dict(
+        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan["run_id"]),
+        max_steps=plan["max_steps"],
+        per_device_train_batch_size=cfg.train.per_device_batch_size,
+        per_device_eval_batch_size=cfg.train.per_device_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        learning_rate=cfg.train.learning_rate,
+        optim=resolve_optimizer(cfg.train),
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_steps,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        logging_steps=cfg.train.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=cfg.train.eval_steps,
+        # Checkpoint at every evaluation so Ray can keep the best adapters by validation loss.
+        save_strategy="steps",
+        save_steps=cfg.train.eval_steps,
+        save_total_limit=cfg.run.checkpoints_to_keep + 1,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss" if has_validation else None,
+        greater_is_better=False if has_validation else None,
+        max_length=cfg.data.max_length,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        accelerator_config={"dispatch_batches": False},
+        report_to=["tensorboard"] if plan.get("tensorboard_dir") else [],
+        logging_dir=plan.get("tensorboard_dir"),
+        disable_tqdm=True,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        dataloader_pin_memory=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def _collate_rows(batch: dict, collator) -> dict:
+    """A Ray batch (columns of numpy arrays) -> the trainer collator's tensors."""
+    return collator([{"input_ids": ids.tolist()} for ids in batch["input_ids"]])
+
+
+class _RayStreams:
+    """DataLoaders over this worker's Ray shards: already split per worker, so nothing shards them again."""
+
+    def __init__(self, train_shard, eval_shard, batch_size, collate):
+        self.train_shard, self.eval_shard = train_shard, eval_shard
+        self.batch_size, self.collate = batch_size, collate
+        self.train_passes = 0
+
+    def train_loader(self):
+        # One endless stream across epochs: the trainer stops at max_steps, so the step count is exact and no
+        # partial accumulation happens at an epoch boundary.
+        def batches():
+            for passes in itertools.count(1):
+                self.train_passes = passes
+                yield from self.train_shard.iter_torch_batches(
+                    batch_size=self.batch_size, collate_fn=self.collate, drop_last=True, prefetch_batches=2
+                )
+
+        return torch.utils.data.DataLoader(_IterableOf(batches), batch_size=None)
+
+    def eval_loader(self):
+        def batches():
+            yield from self.eval_shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
+
+        return torch.utils.data.DataLoader(_IterableOf(batches), batch_size=None)
+
+
+class _IterableOf(torch.utils.data.IterableDataset):
+    def __init__(self, make_iterator):
+        super().__init__()
+        self.make_iterator = make_iterator
+
+    def __iter__(self):
+        return iter(self.make_iterator())
+
+
+def _streaming_trainer_class():
+    """SFTTrainer (Unsloth's patched one when unsloth was imported) fed by Ray shards instead of HF DataLoaders."""
+    from trl import SFTTrainer
+
+    class StreamingSFTTrainer(SFTTrainer):
+        ray_streams: _RayStreams
+
+        def get_train_dataloader(self):
+            return self.ray_streams.train_loader()
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            return self.ray_streams.eval_loader()
+
+    return StreamingSFTTrainer
+
+
+def _as_hf_iterable(shard):
+    """A `datasets.IterableDataset` view of a Ray shard: what TRL's type checks expect. The batches the trainer
+    consumes come from `_RayStreams`, which reads the same shard."""
+    import datasets
+
+    def rows():
+        yield from shard.iter_rows()
+
+    return datasets.IterableDataset.from_generator(rows)
+
+
+def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:
+    from medray.metrics import TrainingMetricsCallback, count_params_for_mfu, gpu_peak_flops
+
+    callback = TrainingMetricsCallback(
+        cfg.run.name,
+        trial=plan.get("trial"),
+        rank=rank,
+        world_size=world_size,
+        n_params_for_mfu=count_params_for_mfu(model),
+        peak_flops=gpu_peak_flops(),
+        total_steps=plan["max_steps"],
+    )
+    # First in line, so TensorBoard and Ray's report see the fields it adds.
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def _probe(model, input_ids: list[int] | None, top: int = 20) -> dict | None:
+    """The trained model's top next-token logits for a fixed prompt: a fingerprint the saved adapter must match."""
+    if not input_ids:
+        return None
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([input_ids], device=next(model.parameters()).device)
+        logits = model(input_ids=ids).logits[0, -1].float()
+    values, indices = torch.topk(logits, top)
+    return {"input_ids": input_ids, "top_ids": indices.tolist(), "top_logits": values.tolist()}
+
+
+def _restore_checkpoint(checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="medray_resume_"))
+    checkpoint.to_directory(str(local))
+    return str(local / "checkpoint")
+
+
+def _checkpoint_step(resume_dir: str | None) -> int | None:
+    if resume_dir is None:
+        return None
+    import json
+
+    return json.loads((Path(resume_dir) / "trainer_state.json").read_text())["global_step"]
+
+
+def _best_step(state) -> int | None:
+    if not state.best_model_checkpoint:
+        return None
+    return int(os.path.basename(state.best_model_checkpoint).rsplit("-", 1)[-1])
+
+
+def _node_ids(world_size: int) -> list[str]:
+    """Node id of every worker, gathered over the process group (rank order)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [node_id]
+    gathered: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, node_id)
+    return [str(item) for item in gathered]

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real Mistral v0.3 tokenizer, a tiny random-weight Mistral, and a local Ray cluster.
+
+Nothing here touches the network: the tokenizer ships in the `mistral-common` package and the model is built from a
+config with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"
+MEDQA_TEST = SHARED_DATA / "medqa-usmle-4opt" / "medqa_usmle_4options_test_first300.jsonl"
+
+
+def build_mistral_tokenizer(folder: Path):
+    """The real 32,768-token Mistral-7B v0.3 tokenizer, converted from mistral-common's sentencepiece model."""
+    import mistral_common
+    from transformers import LlamaTokenizer
+
+    source = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True, add_eos_token=False)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding the saved Mistral v0.3 tokenizer (loadable with AutoTokenizer)."""
+    folder = tmp_path_factory.mktemp("mistral_tokenizer")
+    tokenizer = build_mistral_tokenizer(folder / "source")
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
+    """A 2-layer random-weight MistralForCausalLM with the real tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_mistral")
+    config = MistralConfig(
+        vocab_size=32768,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for the module (2 CPUs, no dashboard); shut down afterwards."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=600 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,69 @@
+"""Config: defaults are the reference recipe, presets load, bad configs name every problem."""
+
+from pathlib import Path
+
+import pytest
+
+from medray.cli import PRESETS_DIR, resolve_preset
+from medray.config import ConfigError, MedrayConfig, load_config
+
+PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = MedrayConfig()
+    assert cfg.model.name == "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"
+    assert (cfg.data.hub_id, cfg.data.hub_config) == ("FreedomIntelligence/medical-o1-reasoning-SFT", "en")
+    assert (cfg.lora.r, cfg.lora.alpha) == (16, 16)
+    assert (cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps) == (4, 4)
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.optim == "adamw_8bit"
+    assert cfg.data.max_length == 2048 and cfg.data.validation_fraction == 0.1
+    assert cfg.train.eval_steps == 200 and cfg.train.early_stopping_patience == 3
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads_and_names_its_command(preset: Path):
+    cfg = load_config(preset)
+    assert isinstance(cfg, MedrayConfig)
+    first_line = preset.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and preset.stem in first_line
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.max_steps=20", "scaling.num_workers=2", "train.learning_rate=1e-4"])
+    assert cfg.train.max_steps == 20 and cfg.scaling.num_workers == 2 and cfg.train.learning_rate == 1e-4
+
+
+def test_one_error_names_every_problem():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["train.lr=1", "scaling.num_workers=0", "model.backend=tpu", "data.max_length=big"])
+    message = str(caught.value)
+    assert "4 problem(s)" in message
+    assert "train.lr: unknown key" in message and "learning_rate" in message  # lists the allowed keys
+    assert "scaling.num_workers" in message and "model.backend" in message and "data.max_length" in message
+
+
+def test_unknown_section_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="trainer: unknown key"):
+        load_config(None, ["trainer.max_steps=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_template_must_hold_every_field():
+    with pytest.raises(ConfigError, match="cot"):
+        load_config(None, ["data.template='{question} {response}'"])
+
+
+def test_missing_preset_names_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="cpu-demo"):
+        resolve_preset("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_round_trip_through_plain_dict():
+    cfg = load_config(None, ["lora.r=8", "run.name=x"])
+    assert MedrayConfig.from_dict(cfg.to_dict()) == cfg
