@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -53,7 +54,7 @@ PREPARED_SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.int32())),
         ("length", pa.int64()),
         ("full_length", pa.int64()),
-        ("split_key", pa.uint64()),
+        ("split_key", pa.int64()),
         ("problem", pa.string()),
     ]
 )
@@ -100,19 +101,19 @@ def build_datasets(cfg: MedrayConfig, tokenizer: Any) -> PreparedData:
         batch_format="pyarrow",
         batch_size=BATCH_SIZE,
     ).materialize()
-    _raise_first_problem(prepared, files, data, source)
-
-    rows_read = prepared.count()
-    overlong = prepared.filter(expr=col("full_length") > data.max_length).count()
-    kept = prepared.filter(expr=col("full_length") <= data.max_length) if data.overlong == "drop" else prepared
-    train, validation = _split(kept, rows_read - overlong if data.overlong == "drop" else rows_read, data)
+    # The per-row bookkeeping is small (no token ids), so checks, counts and the split are worked out on the driver.
+    info = prepared.select_columns(["length", "full_length", "split_key", "problem"]).to_pandas()
+    _raise_first_problem(info["problem"], files, data, source)
+    overlong = int((info["full_length"] > data.max_length).sum())
+    kept = info[info["full_length"] <= data.max_length] if data.overlong == "drop" else info
+    train, validation, train_info = _split(prepared, kept, data)
     stats = {
-        "rows_read": rows_read,
+        "rows_read": len(info),
         "rows_train": train.count(),
         "rows_validation": validation.count() if validation is not None else 0,
         "rows_truncated": overlong if data.overlong == "truncate" else 0,
         "rows_dropped_overlong": overlong if data.overlong == "drop" else 0,
-        "tokens_train": int(train.sum("length") or 0),
+        "tokens_train": int(train_info["length"].sum()),
     }
     return PreparedData(train=train, validation=validation, stats=stats)
 
@@ -309,14 +310,14 @@ def row_problem(row: Any, columns: list[str]) -> str:
     return ""
 
 
-def _raise_first_problem(prepared: ray.data.Dataset, files: list[Path], data: DataArgs, source: str) -> None:
+def _raise_first_problem(problems: pd.Series, files: list[Path], data: DataArgs, source: str) -> None:
     """Raise a DataError for the first row that `prepare_batch` flagged, located as precisely as possible."""
-    flagged = prepared.filter(expr=col("problem") != "").take(1)
-    if not flagged:
+    flagged = problems[problems != ""]
+    if flagged.empty:
         return
     if files:
         _precheck(files, data, scan_parquet=True)  # raises, naming the file and the row number
-    raise DataError(f"{source}: a row {flagged[0]['problem']}")
+    raise DataError(f"{source}: a row {flagged.iloc[0]}")
 
 
 # --- formatting and tokenization (runs in Ray tasks) ---------------------------------------------------------------
@@ -389,30 +390,47 @@ def truncate(ids: list[int], max_length: int) -> list[int]:
 
 
 def _split_key(text: str, seed: int) -> int:
-    """A seeded 64-bit hash of the sample: sorting by it is a shuffle that depends on nothing but the seed."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest(), "big")
+    """A seeded 63-bit hash of the sample: ordering rows by it is a shuffle that depends only on the seed."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 # --- splitting -----------------------------------------------------------------------------------------------------
 
 
-def _split(rows: ray.data.Dataset, count: int, data: DataArgs) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-    """Materialized train and validation sets (`input_ids`, `length`), validation being `validation_fraction`."""
-    if count == 0:
+def _split(
+    prepared: ray.data.Dataset, kept: pd.DataFrame, data: DataArgs
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None, pd.DataFrame]:
+    """Materialized train and validation sets (`input_ids`, `length`), and the bookkeeping rows of the train set.
+
+    `kept` holds the `full_length` and `split_key` of the rows to use. Validation takes the `validation_fraction` of
+    them with the largest split keys, which is a seeded random pick.
+    """
+    if kept.empty:
         raise DataError(
             f"no rows left: all are longer than data.max_length={data.max_length} tokens and data.overlong=drop; "
             "raise data.max_length or set data.overlong=truncate"
         )
+    conditions = [col("full_length") <= data.max_length] if data.overlong == "drop" else []
     if data.validation_fraction == 0:
-        return rows.select_columns(OUTPUT_COLUMNS).materialize(), None
-    held_out = max(1, round(count * data.validation_fraction))
-    if held_out >= count:
+        return _subset(prepared, conditions), None, kept
+    held_out = max(1, round(len(kept) * data.validation_fraction))
+    if held_out >= len(kept):
         raise DataError(
-            f"only {count} usable row(s): too few to hold out data.validation_fraction={data.validation_fraction}; "
-            "add rows or set data.validation_fraction=0"
+            f"only {len(kept)} usable row(s): too few to hold out data.validation_fraction="
+            f"{data.validation_fraction}; add rows or set data.validation_fraction=0"
         )
-    train, validation = rows.sort("split_key").split_at_indices([count - held_out])
-    return train.select_columns(OUTPUT_COLUMNS).materialize(), validation.select_columns(OUTPUT_COLUMNS).materialize()
+    threshold = int(np.sort(kept["split_key"].to_numpy())[len(kept) - held_out])
+    train = _subset(prepared, [*conditions, col("split_key") < threshold])
+    validation = _subset(prepared, [*conditions, col("split_key") >= threshold])
+    return train, validation, kept[kept["split_key"] < threshold]
+
+
+def _subset(prepared: ray.data.Dataset, conditions: list[Any]) -> ray.data.Dataset:
+    """The rows that meet every condition, with the output columns only, materialized."""
+    rows = prepared
+    for condition in conditions:
+        rows = rows.filter(expr=condition)
+    return rows.select_columns(OUTPUT_COLUMNS).materialize()
 
 
 # --- batches for the trainer ---------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ def prepare_data(cfg: MedrayConfig):
 
     from medray.model import load_tokenizer
 
+    # Job logs are read by people: keep Ray Data's per-operator progress logging out of them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg, tokenizer)
     data.stats["probe_input_ids"] = tokenizer(PROBE_TEXT)["input_ids"]

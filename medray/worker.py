@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +76,8 @@ def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig
 
+    if plan.get("tensorboard_dir"):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = plan["tensorboard_dir"]  # transformers 5 reads it from the env
     args = SFTConfig(**_sft_arguments(cfg, plan, backend))
     trainer = _streaming_trainer_class()(
         model=model,
@@ -86,7 +87,7 @@ def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard
         eval_dataset=_as_hf_iterable(eval_shard) if eval_shard is not None else None,
         callbacks=[RayTrainReportCallback()],
     )
-    collate = partial(_collate_rows, collator=trainer.data_collator)
+    collate = _trainer_collate(trainer.data_collator)
     trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train.per_device_batch_size, collate)
     if eval_shard is not None and cfg.train.early_stopping_patience > 0:
         trainer.add_callback(
@@ -136,7 +137,6 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
         ddp_find_unused_parameters=False,
         accelerator_config={"dispatch_batches": False},
         report_to=["tensorboard"] if plan.get("tensorboard_dir") else [],
-        logging_dir=plan.get("tensorboard_dir"),
         disable_tqdm=True,
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
@@ -145,9 +145,15 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
     )
 
 
-def _collate_rows(batch: dict, collator) -> dict:
-    """A Ray batch (columns of numpy arrays) -> the trainer collator's tensors."""
-    return collator([{"input_ids": ids.tolist()} for ids in batch["input_ids"]])
+def _trainer_collate(collator):
+    """A Ray collate callable: a batch of rows (columns of numpy arrays) -> the trainer collator's tensors."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TrainerCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> dict:
+            return collator([{"input_ids": ids.tolist()} for ids in batch["input_ids"]])
+
+    return TrainerCollate()
 
 
 class _RayStreams:

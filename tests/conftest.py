@@ -23,12 +23,20 @@ MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"
 MEDQA_TEST = SHARED_DATA / "medqa-usmle-4opt" / "medqa_usmle_4options_test_first300.jsonl"
 
 
-def build_mistral_tokenizer(folder: Path):
-    """The real 32,768-token Mistral-7B v0.3 tokenizer, converted from mistral-common's sentencepiece model."""
+def mistral_sentencepiece_model() -> Path:
+    """mistral-common's copy of the v0.3 sentencepiece model, or `$MEDRAY_TOKENIZER_MODEL` (the GPU bundle's copy)."""
+    if os.environ.get("MEDRAY_TOKENIZER_MODEL"):
+        return Path(os.environ["MEDRAY_TOKENIZER_MODEL"])
     import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def build_mistral_tokenizer(folder: Path):
+    """The real 32,768-token Mistral-7B v0.3 tokenizer, converted from its sentencepiece model."""
     from transformers import LlamaTokenizer
 
-    source = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    source = mistral_sentencepiece_model()
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(source, folder / "tokenizer.model")
     return LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True, add_eos_token=False)

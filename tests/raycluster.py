@@ -183,7 +183,7 @@ class LocalRayCluster:
         except psutil.Error:
             return False
 
-    def stop(self, grace_s: float = 10) -> None:
+    def stop(self, grace_s: float = 5) -> None:
         """Terminate every process of this cluster, SIGKILL what is left after `grace_s`."""
         processes = self.processes()
         for process in processes:

@@ -29,7 +29,9 @@ GPU_FIELDS = ("gpu_total_gb", "gpu_mem_reserved_before_gb", "gpu_peak_reserved_g
 def token_rows(count: int, vocab_size: int, seed: int = 0) -> list[dict]:
     """Rows of random token ids, 8 to 16 long, so every batch has padding."""
     generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, vocab_size, (8 + i % 9,), generator=generator).tolist()} for i in range(count)]
+    return [
+        {"input_ids": torch.randint(3, vocab_size, (8 + i % 9,), generator=generator).tolist()} for i in range(count)
+    ]
 
 
 def collate(rows: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -40,7 +42,11 @@ def collate(rows: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     for i, row in enumerate(rows):
         input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
         attention_mask[i, : len(row["input_ids"])] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, -100),
+    }
 
 
 def train_tiny(model_dir: str | Path, output_dir: str | Path, callback, tensorboard_dir: str | Path | None = None):

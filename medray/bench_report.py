@@ -1,0 +1,316 @@
+"""docs/benchmarks.json -> docs/benchmarks.md: a table per row-length kind, the floors, the projected reference run.
+
+    python jobs/benchmark.py --table [--json docs/benchmarks.json] [--md docs/benchmarks.md]
+
+A re-run replaces the earlier record of the same variant, GPUs, batch, lengths and knobs. Where several records
+compete for a floor (e.g. medray on real rows with different knobs) the fastest is used, and named.
+
+The projection of the reference run (1 epoch of medical-o1 `en`: 17,733 training rows, micro-batch x grad-accum x
+GPUs = 16, five evaluations of 1,971 rows) takes, per GPU count, the fastest medray record on real-length rows with
+that effective batch: training = 17,733 x 892 tokens at its tokens/s, plus its warm-up steps' extra time;
+evaluations = 5 x 1,971 x 892 tokens forward-only, at the rate measured by bare Unsloth (`--eval-rows`) when a
+record has it, else estimated at 3x the training rate (a forward pass costs about 1/3 of a training step's
+forward + recompute + backward); start-up = the medray record's `fit()` plus `ray.init()` minus its training loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REFERENCE = {"train_rows": 17_733, "mean_tokens": 892, "evaluations": 5, "eval_rows": 1_971, "effective_batch": 16}
+EVAL_COST = 1 / 3
+"""Forward-only cost per token relative to a training step (estimate, used when no evaluation was measured)."""
+FLOOR_MINUTES = {1: 30, 2: 16}
+LENGTH_TITLES = {
+    "full": "Full rows (every row 2048 tokens)",
+    "real": "Real-length rows (Normal(892, 177) clipped to [300, 1423]: the real data's mean 892, p90 1119, max 1423)",
+}
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON list of records (empty if the file is missing)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (variant, GPUs, batch, grad-accum, lengths, seq len, knobs): the last one written."""
+    kept: dict[str, dict] = {}
+    for record in records:
+        knobs = {key: value for key, value in record.get("knobs", {}).items() if key != "profile"}
+        key = json.dumps(
+            [record[k] for k in ("variant", "gpus", "batch", "grad_accum", "lengths", "seq_len")] + [knobs]
+        )
+        kept.pop(key, None)
+        kept[key] = record
+    return list(kept.values())
+
+
+def pick(records, variant: str, lengths: str, *, gpus=None, batch=None, effective=None) -> dict | None:
+    """The fastest (tokens/s per GPU) record matching; `effective` is batch x grad-accum x GPUs."""
+    matches = [
+        record
+        for record in records
+        if record["variant"] == variant
+        and record["lengths"] == lengths
+        and (gpus is None or record["gpus"] == gpus)
+        and (batch is None or record["batch"] == batch)
+        and (effective is None or record["batch"] * record["grad_accum"] * record["gpus"] == effective)
+        and record.get("tokens_per_s_per_gpu")
+    ]
+    return max(matches, key=lambda record: record["tokens_per_s_per_gpu"]) if matches else None
+
+
+def knob_text(record: dict[str, Any]) -> str:
+    """`padded, sorted, pad 64, UNSLOTH_X=1`, or `default`."""
+    knobs = record.get("knobs", {})
+    parts = [] if knobs.get("padding", "auto") == "auto" else [knobs["padding"]]
+    parts += ["sorted"] if knobs.get("sort_lengths") else []
+    parts += [f"pad {knobs['pad_multiple']}"] if knobs.get("pad_multiple") else []
+    parts += [f"{key}={value}" for key, value in (knobs.get("env") or {}).items()]
+    return ", ".join(parts) or "default"
+
+
+def label(record: dict[str, Any]) -> str:
+    """Short name of a record for the floor and projection lines."""
+    gpus = f", {record['gpus']} GPUs" if record["gpus"] > 1 else ""
+    return (
+        f"{record['variant']} {record['lengths']} {record['batch']}x{record['grad_accum']}{gpus} ({knob_text(record)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- floors
+
+
+def floor_checks(records: list[dict[str, Any]]) -> list[tuple[str, float | None, str, bool | None]]:
+    """(check, measured ratio, floor, passed) for every floor of the issue that the records allow."""
+    a1 = pick(records, "medray", "full", gpus=1, batch=4)
+    a2 = pick(records, "medray", "full", gpus=2, batch=4)
+    b = pick(records, "bare", "full", batch=4)
+    c = pick(records, "peft", "full", batch=4)
+    checks = [
+        ("(a) 1 GPU / (b), tokens/s per GPU, full rows", _ratio(a1, b, "tokens_per_s_per_gpu"), ">=", 0.98),
+        ("(a) 2 GPUs / (b), tokens/s per GPU, full rows", _ratio(a2, b, "tokens_per_s_per_gpu"), ">=", 0.98),
+        ("(a) / (c), tokens/s, full rows", _ratio(a1, c, "tokens_per_s_per_gpu"), ">=", 1.7),
+        ("(a) / (c), peak reserved memory", _ratio(a1, c, "peak_reserved_gb"), "<=", 0.5),
+        ("(a) 2 GPUs / 1 GPU, total tokens/s", _ratio(a2, a1, "tokens_per_s_total"), ">=", 1.94),
+    ]
+    batches = sorted({record["batch"] for record in records if record["variant"] == "medray"})
+    for batch in batches:
+        real = pick(records, "medray", "real", gpus=1, batch=batch)
+        if real is None:
+            continue
+        full = pick(records, "bare", "full", batch=batch)
+        name = f"(a) real rows / (b) full rows, micro-batch {batch}: {label(real)}"
+        checks.append((name, _ratio(real, full, "tokens_per_s_per_gpu"), ">=", 0.9))
+    return [(name, value, f"{sign} {bound}", _passes(value, sign, bound)) for name, value, sign, bound in checks]
+
+
+def _ratio(top: dict | None, bottom: dict | None, field: str) -> float | None:
+    if not top or not bottom or not top.get(field) or not bottom.get(field):
+        return None
+    return top[field] / bottom[field]
+
+
+def _passes(value: float | None, sign: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if sign == ">=" else value <= bound
+
+
+# ---------------------------------------------------------------------------------------------------- projection
+
+
+def planned_steps(gpus: int, batch: int, grad_accum: int) -> int:
+    """Optimizer steps of one epoch, as `medray.driver.planned_steps` counts them (17,733 rows at 16: 1,108)."""
+    return REFERENCE["train_rows"] // gpus // batch // grad_accum
+
+
+def eval_rate(records: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """Measured forward-only tokens/s per GPU on real rows (the fastest such record), and where it came from."""
+    measured = [record for record in records if record.get("eval", {}).get("tokens_per_s")]
+    if not measured:
+        return None, "estimate: 3x the training rate (forward only, ~1/3 of a training step per token)"
+    best = max(measured, key=lambda record: record["eval"]["tokens_per_s"])
+    return best["eval"]["tokens_per_s"], f"measured: {label(best)}, {best['eval']['rows']} rows"
+
+
+def project(record: dict[str, Any], eval_per_gpu: float | None, extra_startup_s: float = 0.0) -> dict[str, Any]:
+    """Seconds of the reference run on `record['gpus']` GPUs, from that record's measured rates and start-up."""
+    gpus = record["gpus"]
+    rate = record["tokens_per_s_per_gpu"] * gpus
+    train_s = REFERENCE["train_rows"] * REFERENCE["mean_tokens"] / rate + (record.get("warmup_extra_s") or 0.0)
+    eval_tokens = REFERENCE["evaluations"] * REFERENCE["eval_rows"] * REFERENCE["mean_tokens"]
+    eval_s = eval_tokens / (eval_per_gpu * gpus) if eval_per_gpu else eval_tokens * EVAL_COST / rate
+    startup_s = (record.get("startup") or {}).get("startup_s")
+    startup_s = (startup_s or 0.0) + extra_startup_s
+    total_s = train_s + eval_s + startup_s
+    return {
+        "gpus": gpus,
+        "record": label(record),
+        "steps": planned_steps(gpus, record["batch"], record["grad_accum"]),
+        "tokens_per_s": rate,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "startup_s": startup_s,
+        "startup_measured": record.get("startup") is not None,
+        "total_s": total_s,
+        "floor_min": FLOOR_MINUTES.get(gpus),
+        "passed": total_s / 60 <= FLOOR_MINUTES[gpus] if gpus in FLOOR_MINUTES else None,
+    }
+
+
+def projections(records, extra_startup_s: float = 0.0) -> tuple[list[dict[str, Any]], str]:
+    """The projection for 1 and 2 GPUs (where records exist), and how evaluations were costed."""
+    per_gpu, how = eval_rate(records)
+    found = []
+    for gpus in (1, 2):
+        record = pick(records, "medray", "real", gpus=gpus, effective=REFERENCE["effective_batch"])
+        if record is not None:
+            found.append(project(record, per_gpu, extra_startup_s))
+    return found, how
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def render(records: list[dict[str, Any]], extra_startup_s: float = 0.0) -> str:
+    """The whole of docs/benchmarks.md."""
+    records = latest(records)
+    if not records:
+        return "# Benchmarks\n\nNo records yet: run `bash tests/gpu/run.sh BUNDLE` on the GPU machine.\n"
+    parts = [_header(records)]
+    for lengths in ("full", "real"):
+        chosen = [record for record in records if record["lengths"] == lengths]
+        if chosen:
+            parts.append(f"## {LENGTH_TITLES[lengths]}\n\n{_results_table(chosen)}")
+    parts.append("## Floors\n\n" + _floors_table(floor_checks(records)))
+    parts.append(_projection_section(records, extra_startup_s))
+    parts.append("## Commands\n\n" + "\n".join(f"    {command}" for command in _commands(records)))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(json_path: str | Path, md_path: str | Path, extra_startup_s: float = 0.0) -> Path:
+    """Render the records at `json_path` into `md_path`."""
+    md_path = Path(md_path)
+    md_path.write_text(render(load_records(json_path), extra_startup_s))
+    return md_path
+
+
+def _header(records: list[dict[str, Any]]) -> str:
+    newest = max(records, key=lambda record: record["date"])
+    dates = sorted({record["date"] for record in records})
+    gpus = sorted({record["gpu"] for record in records})
+    peaks = sorted({record["peak_tflops"] for record in records})
+    version_text = ", ".join(f"{name} {version}" for name, version in newest["versions"].items() if version)
+    return "\n".join(
+        [
+            "# Benchmarks: 4-bit QLoRA SFT at Mistral-7B v0.3 size",
+            "",
+            "Written by `python jobs/benchmark.py --table` from `docs/benchmarks.json`; do not edit by hand.",
+            "",
+            f"- Model: random-weight `MistralForCausalLM` with Mistral-7B v0.3's config ({newest['n_params']:,} "
+            "parameters) and tokenizer; LoRA r=16 on q,k,v,o,gate,up,down; AdamW 8-bit; bf16; max length 2048.",
+            f"- GPU: {', '.join(gpus)}; measured bf16 matmul peak (8192^3): {', '.join(map(str, peaks))} TFLOP/s.",
+            f"- Date: {', '.join(dates)}. Versions: {version_text}.",
+            "- tokens/s: real tokens (never padding) of the steps after the warm-up, over their wall time; every "
+            "step end is CUDA-synchronised. MFU = 6 x parameters x tokens/s per GPU / the measured peak. Peak "
+            "reserved = `torch.cuda.max_memory_reserved()` over load and training, in GiB (the largest rank).",
+        ]
+    )
+
+
+def _results_table(records: list[dict[str, Any]]) -> str:
+    headers = [
+        "variant",
+        "GPUs",
+        "micro-batch x accum",
+        "tokens/s per GPU",
+        "tokens/s total",
+        "steady tokens/s",
+        "peak reserved GiB",
+        "MFU",
+        "s/step (min-max)",
+        "knobs",
+    ]
+    order = {"medray": 0, "bare": 1, "peft": 2}
+    rows = []
+    for record in sorted(records, key=lambda r: (order[r["variant"]], r["gpus"], r["batch"], r["grad_accum"])):
+        rows.append(
+            [
+                record["name"],
+                record["gpus"],
+                f"{record['batch']} x {record['grad_accum']}",
+                _number(record["tokens_per_s_per_gpu"]),
+                _number(record["tokens_per_s_total"]),
+                _number(record.get("tokens_per_s_steady")),
+                _number(record["peak_reserved_gb"], 2),
+                _number(record["mfu"], 3),
+                f"{record['s_per_step']:.3f} ({record['s_per_step_min']:.3f}-{record['s_per_step_max']:.3f})",
+                knob_text(record),
+            ]
+        )
+    return _markdown_table(headers, rows)
+
+
+def _floors_table(checks) -> str:
+    rows = [
+        [name, "missing" if value is None else f"{value:.3f}", floor, _verdict(passed)]
+        for name, value, floor, passed in checks
+    ]
+    return _markdown_table(["check", "measured", "floor", "result"], rows)
+
+
+def _projection_section(records, extra_startup_s: float) -> str:
+    found, how = projections(records, extra_startup_s)
+    title = "## Projected reference run: 1 epoch of medical-o1 `en`, effective batch 16, five evaluations"
+    if not found:
+        return f"{title}\n\nNo medray record on real-length rows with effective batch 16 yet."
+    headers = [""] + [f"{item['gpus']} GPU" + ("s" if item["gpus"] > 1 else "") for item in found]
+    lines = [
+        ("record used", [item["record"] for item in found]),
+        ("optimizer steps", [f"{item['steps']:,}" for item in found]),
+        ("training tokens/s (all GPUs)", [_number(item["tokens_per_s"]) for item in found]),
+        ("training: 17,733 rows x 892 tokens", [_minutes(item["train_s"]) for item in found]),
+        ("evaluations: 5 x 1,971 rows x 892 tokens", [_minutes(item["eval_s"]) for item in found]),
+        ("start-up (measured: ray.init + fit() - training loop)", [_minutes(item["startup_s"]) for item in found]),
+        ("total", [f"**{_minutes(item['total_s'])}**" for item in found]),
+        ("floor", [f"<= {item['floor_min']} min" for item in found]),
+        ("result", [_verdict(item["passed"]) for item in found]),
+    ]
+    table = _markdown_table(headers, [[name, *values] for name, values in lines])
+    notes = [
+        f"- Evaluations: {how}.",
+        "- Training time includes the warm-up steps' extra time (first-step compiles) measured in the same run.",
+        "- Start-up the benchmark does not see (driver-side data preparation, checkpoint saves): "
+        f"{extra_startup_s:.0f} s added (`--extra-startup-s`).",
+    ]
+    return f"{title}\n\n{table}\n\n" + "\n".join(notes)
+
+
+def _commands(records: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for record in records:
+        if record["command"] not in seen:
+            seen.append(record["command"])
+    return seen
+
+
+def _markdown_table(headers: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:,.0f} s)"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "pass", False: "**FAIL**", None: "n/a"}[passed]

@@ -1,0 +1,297 @@
+"""A finished run's folder -> `report.md` (Markdown tables) and `loss.png` (training and validation loss by step).
+
+The report holds, like the reference notebook's closing cells: the run's configuration; training and validation loss
+at every logged step, the best validation loss marked; training time, throughput and GPU memory (peak reserved,
+reserved by the base model before training, added by LoRA training, each also as a % of the GPU's memory); and, for
+a Ray Tune search whose folder holds `leaderboard.csv`, the leaderboard.
+
+It reads only files of the run folder: `summary.json` and `history.json` (see docs/architecture.md), whose entries
+carry the fields of `medray.metrics.TrainingMetricsCallback`. The driver writes the report at the end of every run;
+`medray report RUN_DIR` writes it again.
+
+    path = write_report("~/medray_results/medray-demo")   # -> .../medray-demo/report.md, next to loss.png
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+TRAIN_COLOR = "#1f77b4"
+VALIDATION_COLOR = "#ff7f0e"
+FIGURE_SIZE_IN = (8, 5)
+FIGURE_DPI = 100
+LONGEST_VALUE = 100
+CPU_RUN = "n/a (CPU run)"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` and `loss.png` into a run folder.
+
+    Args:
+        run_dir: The run folder (`{run.storage_path}/{run.name}`) or a Tune search folder.
+
+    Returns:
+        The path of `report.md`.
+
+    Raises:
+        FileNotFoundError: The folder holds none of `summary.json`, `history.json`, `leaderboard.csv`.
+    """
+    run_dir = Path(run_dir).expanduser()
+    summary = _read_json(run_dir / "summary.json", default={})
+    history = _read_json(run_dir / "history.json", default=[])
+    leaderboard = _read_csv(run_dir / "leaderboard.csv")
+    if not (summary or history or leaderboard):
+        raise FileNotFoundError(
+            f"{run_dir} holds no summary.json, history.json or leaderboard.csv; pass the folder of a finished run"
+        )
+    plot_losses(history, run_dir / "loss.png", title=_run_name(summary, run_dir))
+    report = run_dir / "report.md"
+    report.write_text(render_report(summary, history, leaderboard, run_dir))
+    return report
+
+
+def render_report(summary: dict, history: list[dict], leaderboard: list[dict[str, str]], run_dir: Path) -> str:
+    """The Markdown text of the report."""
+    sections = [
+        f"# medray report: {_run_name(summary, run_dir)}",
+        _overview(summary, history, run_dir),
+        "## Configuration",
+        config_table(summary.get("config") or {}),
+        "## Training and validation loss",
+        "![training and validation loss](loss.png)",
+        loss_table(history),
+        "## Time and GPU memory",
+        markdown_table(["figure", "value"], time_and_memory_rows(summary, history)),
+    ]
+    if leaderboard:
+        sections += [
+            "## Tune leaderboard",
+            markdown_table(list(leaderboard[0]), [list(row.values()) for row in leaderboard]),
+        ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _overview(summary: dict, history: list[dict], run_dir: Path) -> str:
+    """One paragraph: where the run is, its steps and best validation loss, its data."""
+    lines = [f"Run folder: `{run_dir}`"]
+    if summary.get("steps") is not None:
+        lines.append(f"Optimizer steps: {summary['steps']}")
+    best = best_validation(history)
+    if best is not None:
+        lines.append(f"Best validation loss: {best[1]:.4f} at step {best[0]}")
+    data = summary.get("data") or {}
+    if "rows_train" in data:
+        lines.append(f"Rows: {data['rows_train']} training, {data.get('rows_validation', 0)} validation")
+    if summary.get("best_checkpoint"):
+        lines.append(f"Best checkpoint: `{summary['best_checkpoint']}`")
+    return "  \n".join(lines)
+
+
+def config_table(config: dict[str, Any]) -> str:
+    """Markdown table `section.key | value` of the run's configuration."""
+    if not config:
+        return "No configuration: the folder holds no summary.json."
+    return markdown_table(["key", "value"], [[key, _cell(value)] for key, value in config_rows(config)])
+
+
+def config_rows(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten a nested config dict into (`section.key`, value) rows, in the config's order."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += config_rows(value, prefix=f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def losses_by_step(history: list[dict]) -> list[tuple[int, float | None, float | None]]:
+    """(step, training loss, validation loss) for every step with either, in step order (a later entry wins)."""
+    train: dict[int, float] = {}
+    validation: dict[int, float] = {}
+    for entry in history:
+        if "loss" in entry:
+            train[entry["step"]] = entry["loss"]
+        if "eval_loss" in entry:
+            validation[entry["step"]] = entry["eval_loss"]
+    return [(step, train.get(step), validation.get(step)) for step in sorted(train.keys() | validation.keys())]
+
+
+def best_validation(history: list[dict]) -> tuple[int, float] | None:
+    """(step, loss) of the lowest validation loss (the first, on a tie); None without evaluations."""
+    evaluated = [(step, loss) for step, _, loss in losses_by_step(history) if loss is not None]
+    return min(evaluated, key=lambda item: item[1]) if evaluated else None
+
+
+def loss_table(history: list[dict]) -> str:
+    """Markdown table step | training loss | validation loss, the best validation loss in bold with a star."""
+    rows = losses_by_step(history)
+    if not rows:
+        return "No loss was logged (fewer steps than `train.logging_steps`?)."
+    best = best_validation(history)
+    cells = []
+    for step, train, validation in rows:
+        validation_cell = _loss(validation)
+        if best is not None and step == best[0]:
+            validation_cell = f"**{validation_cell}** ★"
+        cells.append([str(step), _loss(train), validation_cell])
+    table = markdown_table(["step", "training loss", "validation loss"], cells)
+    return table if best is None else f"{table}\n\n★ lowest validation loss"
+
+
+def time_and_memory_rows(summary: dict, history: list[dict]) -> list[list[str]]:
+    """Rows of the time, throughput and memory table; GPU rows say "n/a (CPU run)" when no GPU figure was logged."""
+    last = _last_values(history)
+    world_size = summary.get("world_size") or (summary.get("config") or {}).get("scaling", {}).get("num_workers", 1)
+    runtime = summary.get("train_runtime_s") or last.get("train_runtime") or last.get("train_runtime_s")
+    rows = [
+        ["training time", _duration(runtime)],
+        ["job wall time (data preparation included)", _duration(summary.get("wall_time_s"))],
+        ["workers", str(world_size)],
+        ["tokens/s, all workers (run average)", _number(last.get("tokens_per_s_avg"), ".0f")],
+        ["tokens/s per worker (run average)", _number(_divide(last.get("tokens_per_s_avg"), world_size), ".0f")],
+        ["MFU (mean of the logged values)", _number(_mean(history, "mfu"), ".1%")],
+        ["peak process RSS (rank 0)", _number(_max(history, "rss_gb"), ".2f", " GB")],
+    ]
+    return rows + gpu_rows(history, last)
+
+
+def gpu_rows(history: list[dict], last: dict[str, Any]) -> list[list[str]]:
+    """Rank 0's GPU: total memory, base-model, peak and LoRA-training memory (GB and %), NVML means."""
+    if "gpu_peak_reserved_gb" not in last:
+        names = ["GPU memory", "peak reserved GPU memory", "memory for LoRA training", "base model memory"]
+        return [[name, CPU_RUN] for name in names]
+
+    def memory(field: str) -> str:
+        return f"{last[f'{field}_gb']:.3f} GB ({last[f'{field}_pct']:.1f} % of the GPU's memory)"
+
+    return [
+        ["GPU memory", f"{last['gpu_total_gb']:.3f} GB"],
+        ["peak reserved GPU memory", memory("gpu_peak_reserved")],
+        ["memory for LoRA training (peak - base model)", memory("gpu_lora_mem")],
+        ["base model memory (reserved before training)", memory("gpu_mem_reserved_before")],
+        ["GPU utilisation (mean of the logged values)", _number(_mean(history, "gpu_util_pct"), ".0f", " %")],
+        ["GPU power (mean of the logged values)", _number(_mean(history, "gpu_power_w"), ".0f", " W")],
+    ]
+
+
+def plot_losses(history: list[dict], path: Path, title: str = "") -> Path:
+    """Draw training and validation loss against step into an 800 x 500 PNG; the best validation loss is starred."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    rows = losses_by_step(history)
+    train = [(step, loss) for step, loss, _ in rows if loss is not None]
+    validation = [(step, loss) for step, _, loss in rows if loss is not None]
+    if train:
+        axes.plot(*zip(*train, strict=True), color=TRAIN_COLOR, linewidth=2, label="training loss")
+    if validation:
+        axes.plot(
+            *zip(*validation, strict=True), color=VALIDATION_COLOR, linewidth=2, marker="o", label="validation loss"
+        )
+        best_step, best_loss = best_validation(history)
+        axes.plot(
+            [best_step],
+            [best_loss],
+            linestyle="none",
+            marker="*",
+            markersize=16,
+            color=VALIDATION_COLOR,
+            markeredgecolor="black",
+            label=f"best validation loss ({best_loss:.4f}, step {best_step})",
+        )
+    if not rows:
+        axes.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=axes.transAxes)
+    axes.set(xlabel="step", ylabel="loss", title=title)
+    axes.grid(alpha=0.3)
+    if rows:
+        axes.legend()
+    figure.savefig(path, dpi=FIGURE_DPI)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; `|` and line breaks inside cells are escaped."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_escape(str(cell)) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def _cell(value: Any) -> str:
+    """A config value for a table cell: lists joined, None and {} as in JSON, long text cut (see summary.json)."""
+    if isinstance(value, list):
+        text = ", ".join(map(str, value))
+    elif value is None or value == {}:
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    if len(text) > LONGEST_VALUE:
+        text = f"{text[:LONGEST_VALUE]}… ({len(text)} characters, see summary.json)"
+    return text
+
+
+def _loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{datetime.timedelta(seconds=round(seconds))} ({seconds:.1f} s)"
+
+
+def _divide(value: float | None, by: int) -> float | None:
+    return None if value is None else value / max(1, by)
+
+
+def _last_values(history: list[dict]) -> dict[str, Any]:
+    """Every field's latest value over the history."""
+    last: dict[str, Any] = {}
+    for entry in history:
+        last.update(entry)
+    return last
+
+
+def _values(history: list[dict], field: str) -> list[float]:
+    return [entry[field] for entry in history if isinstance(entry.get(field), (int, float))]
+
+
+def _mean(history: list[dict], field: str) -> float | None:
+    values = _values(history, field)
+    return sum(values) / len(values) if values else None
+
+
+def _max(history: list[dict], field: str) -> float | None:
+    values = _values(history, field)
+    return max(values) if values else None
+
+
+def _run_name(summary: dict, run_dir: Path) -> str:
+    return (summary.get("config") or {}).get("run", {}).get("name") or run_dir.name
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
