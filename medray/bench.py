@@ -131,8 +131,8 @@ def length_stats(lengths) -> dict[str, float]:
     return {
         "n": int(values.size),
         "mean": round(float(values.mean()), 1),
-        "median": float(np.median(values)),
-        "p90": float(np.percentile(values, 90)),
+        "median": round(float(np.median(values)), 1),
+        "p90": round(float(np.percentile(values, 90)), 1),
         "min": int(values.min()),
         "max": int(values.max()),
     }
@@ -200,6 +200,8 @@ def build_model_dir(folder: str | Path, tokenizer_source: str | Path, cpu: bool)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="5GB")
     tokenizer.save_pretrained(str(folder))
+    if Path(tokenizer_source).is_file():  # the sentencepiece model goes beside it, as shared/gpu's builder did
+        shutil.copy(tokenizer_source, Path(folder) / "tokenizer.model")
     return {
         "dir": str(folder),
         "params": parameters,
@@ -235,7 +237,8 @@ def measure_peak_tflops(cuda: bool) -> dict[str, Any]:
             torch.matmul(a, b, out=out)
         seconds = time.perf_counter() - started
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    return {"tflops": round(2 * size**3 * repeats / seconds / 1e12, 1), "gpu": device_name, "matmul": f"{size}^3"}
+    tflops = 2 * size**3 * repeats / seconds / 1e12
+    return {"tflops": round(tflops, 1 if cuda else 4), "gpu": device_name, "matmul": f"{size}^3"}
 
 
 def peak_tflops(args: argparse.Namespace) -> dict[str, Any]:
@@ -346,7 +349,8 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(cfg, backend, torch.device("cuda", 0) if cuda else None)
     load_s = time.perf_counter() - started
     timer = make_step_timer(cuda, args.grad_accum, args.steps + 1 if args.profile else None, profile_path(args))
-    trainer, restore = _single_trainer(cfg, args, model, tokenizer, backend, timer)
+    trainer = _single_trainer(cfg, args, model, tokenizer, backend, timer)
+    restore = count_at_collator(trainer, timer)
     trainer.train()
     restore()
     peak_gb = torch.cuda.max_memory_reserved() / GIB if cuda else None
@@ -369,10 +373,9 @@ def _single_trainer(cfg: MedrayConfig, args, model, tokenizer, backend: str, tim
     if args.sort_lengths:
         rows = group_by_length(rows, args.batch * args.grad_accum)
     dataset = datasets.Dataset.from_list([{"input_ids": row["input_ids"]} for row in rows])
-    trainer = _in_order_trainer_class()(
+    return _in_order_trainer_class()(
         model=model, args=sft, processing_class=tokenizer, train_dataset=dataset, callbacks=[timer]
     )
-    return trainer, count_at_collator(trainer.data_collator, timer)
 
 
 def _in_order_trainer_class():
@@ -387,16 +390,22 @@ def _in_order_trainer_class():
     return InOrderSFTTrainer
 
 
-def count_at_collator(collator, timer):
-    """Make the trainer's collator report every micro-batch's rows to the timer; returns a function that undoes it."""
-    inner = collator.torch_call
+def count_at_collator(trainer, timer):
+    """Make the trainer's collator report every micro-batch's rows to the timer; returns a function that undoes it.
 
-    def counting(examples):
+    The hook goes on the collator's `torch_call` (where shared/gpu/bench_7b_batch.py counted, in step with the
+    batches training_step saw), or around the collator itself when it has none.
+    """
+    collator = trainer.data_collator
+    owner, name = (collator, "torch_call") if hasattr(collator, "torch_call") else (trainer, "data_collator")
+    inner = getattr(owner, name)
+
+    def counting(examples, *args, **kwargs):
         timer.count_tokens(examples)
-        return inner(examples)
+        return inner(examples, *args, **kwargs)
 
-    collator.torch_call = counting
-    return lambda: setattr(collator, "torch_call", inner)
+    setattr(owner, name, counting)
+    return lambda: setattr(owner, name, inner)
 
 
 def measure_eval(trainer, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
@@ -406,14 +415,17 @@ def measure_eval(trainer, args: argparse.Namespace, cuda: bool) -> dict[str, Any
 
     rows = make_rows(args.eval_rows, "real", args.seq_len, args.seed + 1)
     dataset = datasets.Dataset.from_list([{"input_ids": row["input_ids"]} for row in rows])
-    trainer.evaluate(eval_dataset=dataset.select(range(args.batch)))
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    metrics = trainer.evaluate(eval_dataset=dataset)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    try:
+        trainer.evaluate(eval_dataset=dataset.select(range(min(args.batch, len(rows)))))
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        metrics = trainer.evaluate(eval_dataset=dataset)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    except Exception as error:  # the training figures are measured already: keep them, note the failure
+        return {"rows": len(rows), "error": f"{type(error).__name__}: {error}"[:500]}
     tokens = sum(row["length"] for row in rows)
     return {
         "rows": len(rows),
@@ -433,7 +445,7 @@ def run_medray(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(None, bench_overrides(args, knobs=True))
     started = time.perf_counter()
-    init_ray(args)
+    started_ray = init_ray(args)
     ray_init_s = time.perf_counter() - started
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = make_rows(rows_needed(args), args.lengths, args.seq_len, args.seed)
@@ -464,25 +476,28 @@ def run_medray(args: argparse.Namespace) -> dict[str, Any]:
         "train_loop_s": round(loop_s, 1),
         "startup_s": round(ray_init_s + fit_s - loop_s, 1),
     }
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     return record
 
 
-def init_ray(args: argparse.Namespace) -> None:
-    """Join the cluster of a `ray job submit`, or start a local one (2 CPUs for the CPU dry run).
+def init_ray(args: argparse.Namespace) -> bool:
+    """Join the cluster of a `ray job submit` (or the caller's Ray), else start a local one; True if started here.
 
     `--env` variables go to every worker through the job's runtime environment (a local cluster also inherits
     this process's environment, where they were set before anything imported unsloth or torch.compile).
     """
     import ray
 
+    if ray.is_initialized():
+        return False
     runtime_env = {"env_vars": dict(args.env)} if args.env else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env)
-    elif args.cpu:
-        ray.init(num_cpus=2, object_store_memory=1024**3, include_dashboard=False, runtime_env=runtime_env)
-    else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
+        return True
+    local = {"num_cpus": 2, "object_store_memory": 1024**3} if args.cpu else {}
+    ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **local)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -519,7 +534,7 @@ def make_record(args: argparse.Namespace, per_rank: list[tuple[list, float | Non
         "warmup": args.warmup,
         "tokens_timed": first["tokens_timed"],
         "new_graphs_timed": first["new_graphs"],
-        "loop_s": first["loop_s"],
+        "loop_s": round(first["loop_s"], 2),
         "warmup_extra_s": _round(_warmup_extra_s(per_rank[0][0], args.warmup, first["tokens_per_s"]), 2),
         "knobs": knobs(args),
         "row_lengths": length_stats(make_row_lengths(args)),
@@ -609,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--build", action="store_true", help="build --model-dir (random weights) and exit")
     mode.add_argument("--measure-peak", action="store_true", help="measure the matmul peak into --peak-file")
     mode.add_argument("--table", action="store_true", help="render --md from the records in --json")
+    mode.add_argument("--merge", nargs="+", metavar="FILE", help="append the records of these JSON files to --json")
     run = parser.add_argument_group("run")
     run.add_argument("--variant", choices=sorted(VARIANTS), default="medray")
     run.add_argument("--gpus", type=int, default=1, help="Ray Train workers, one GPU each (medray only)")
@@ -678,7 +694,7 @@ def resolve_defaults(args: argparse.Namespace, argv: list[str]) -> argparse.Name
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 3)
     args.seq_len = args.seq_len or (128 if args.cpu else FULL_LENGTH)
     args.model_dir = args.model_dir or ("/tmp/medray_bench_tiny" if args.cpu else "/tmp/m7b")
-    args.json = args.json or (str(REPO_ROOT / "docs" / "benchmarks.json") if args.table else None)
+    args.json = args.json or (str(REPO_ROOT / "docs" / "benchmarks.json") if args.table or args.merge else None)
     args.command = "python jobs/benchmark.py " + shlex.join(argv)
     if args.variant != "medray" and args.gpus != 1:
         raise SystemExit(f"--gpus {args.gpus}: only the medray variant runs on more than one GPU")
@@ -693,9 +709,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve_defaults(build_parser().parse_args(argv), argv)
     if args.table:
-        from medray.bench_report import write_report
+        from medray.bench_report import summary_text, write_report
 
+        print(summary_text(args.json, extra_startup_s=args.extra_startup_s))
         print(f"wrote {write_report(args.json, args.md, extra_startup_s=args.extra_startup_s)}")
+        return 0
+    if args.merge:
+        for source in args.merge:
+            for record in json.loads(Path(source).read_text()):
+                append_record(args.json, record)
+        print(f"appended the records of {', '.join(args.merge)} to {args.json}")
         return 0
     if args.measure_peak:
         Path(args.peak_file).write_text(json.dumps(measure_peak_tflops(cuda=not args.cpu)))

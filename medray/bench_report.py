@@ -24,7 +24,7 @@ EVAL_COST = 1 / 3
 """Forward-only cost per token relative to a training step (estimate, used when no evaluation was measured)."""
 FLOOR_MINUTES = {1: 30, 2: 16}
 LENGTH_TITLES = {
-    "full": "Full rows (every row 2048 tokens)",
+    "full": "Full rows (every row max-length tokens)",
     "real": "Real-length rows (Normal(892, 177) clipped to [300, 1423]: the real data's mean 892, p90 1119, max 1423)",
 }
 
@@ -141,7 +141,8 @@ def project(record: dict[str, Any], eval_per_gpu: float | None, extra_startup_s:
     """Seconds of the reference run on `record['gpus']` GPUs, from that record's measured rates and start-up."""
     gpus = record["gpus"]
     rate = record["tokens_per_s_per_gpu"] * gpus
-    train_s = REFERENCE["train_rows"] * REFERENCE["mean_tokens"] / rate + (record.get("warmup_extra_s") or 0.0)
+    warmup_extra_s = max(record.get("warmup_extra_s") or 0.0, 0.0)
+    train_s = REFERENCE["train_rows"] * REFERENCE["mean_tokens"] / rate + warmup_extra_s
     eval_tokens = REFERENCE["evaluations"] * REFERENCE["eval_rows"] * REFERENCE["mean_tokens"]
     eval_s = eval_tokens / (eval_per_gpu * gpus) if eval_per_gpu else eval_tokens * EVAL_COST / rate
     startup_s = (record.get("startup") or {}).get("startup_s")
@@ -204,6 +205,7 @@ def _header(records: list[dict[str, Any]]) -> str:
     dates = sorted({record["date"] for record in records})
     gpus = sorted({record["gpu"] for record in records})
     peaks = sorted({record["peak_tflops"] for record in records})
+    lengths = sorted({record["seq_len"] for record in records})
     version_text = ", ".join(f"{name} {version}" for name, version in newest["versions"].items() if version)
     return "\n".join(
         [
@@ -212,7 +214,8 @@ def _header(records: list[dict[str, Any]]) -> str:
             "Written by `python jobs/benchmark.py --table` from `docs/benchmarks.json`; do not edit by hand.",
             "",
             f"- Model: random-weight `MistralForCausalLM` with Mistral-7B v0.3's config ({newest['n_params']:,} "
-            "parameters) and tokenizer; LoRA r=16 on q,k,v,o,gate,up,down; AdamW 8-bit; bf16; max length 2048.",
+            "parameters) and tokenizer; LoRA r=16 on q,k,v,o,gate,up,down; AdamW 8-bit; bf16; max length "
+            f"{', '.join(map(str, lengths))}.",
             f"- GPU: {', '.join(gpus)}; measured bf16 matmul peak (8192^3): {', '.join(map(str, peaks))} TFLOP/s.",
             f"- Date: {', '.join(dates)}. Versions: {version_text}.",
             "- tokens/s: real tokens (never padding) of the steps after the warm-up, over their wall time; every "
@@ -288,6 +291,52 @@ def _projection_section(records, extra_startup_s: float) -> str:
         f"{extra_startup_s:.0f} s added (`--extra-startup-s`).",
     ]
     return f"{title}\n\n{table}\n\n" + "\n".join(notes)
+
+
+def summary_text(json_path: str | Path, extra_startup_s: float = 0.0) -> str:
+    """A compact stdout summary: one line per record (with its slowest timed step), the floors, the projection."""
+    records = latest(load_records(json_path))
+    lines = [_summary_line(record) for record in records]
+    lines += [
+        f"FLOOR {name}: {'missing' if v is None else f'{v:.3f}'} {floor} {_verdict(ok)}"
+        for name, v, floor, ok in floor_checks(records)
+    ]
+    found, how = projections(records, extra_startup_s)
+    for item in found:
+        lines.append(
+            f"PROJECTION {item['gpus']} GPU(s): {_minutes(item['total_s'])} = train {_minutes(item['train_s'])} + "
+            f"eval {_minutes(item['eval_s'])} + start-up {_minutes(item['startup_s'])}; floor {item['floor_min']} min: "
+            f"{_verdict(item['passed'])} [{item['record']}]"
+        )
+    return "\n".join(lines + ([f"(evaluations: {how})"] if found else []))
+
+
+def _summary_line(record: dict[str, Any]) -> str:
+    timed = record["steps"][record["warmup"] :]
+    slowest = max(timed, key=lambda step: step[1]) if timed else None
+    startup = (record.get("startup") or {}).get("startup_s")
+    return (
+        f"{label(record):55s} {_number(record['tokens_per_s_per_gpu']):>7} tok/s/GPU "
+        f"(steady {_number(record.get('tokens_per_s_steady'))}, total {_number(record['tokens_per_s_total'])}) "
+        f"peak {_number(record['peak_reserved_gb'], 2)} GiB MFU {_number(record['mfu'], 3)} "
+        f"s/step {record['s_per_step']:.3f} ({record['s_per_step_min']:.3f}-{record['s_per_step_max']:.3f}) "
+        f"graphs +{record.get('new_graphs_timed')}"
+        + (f" slowest step {slowest[0]}: {slowest[1]:.3f} s, {slowest[2]} tokens" if slowest else "")
+        + (f" start-up {startup:.0f} s" if startup is not None else "")
+        + (f" eval {record['eval']}" if record.get("eval") else "")
+        + _profile_text(record)
+    )
+
+
+def _profile_text(record: dict[str, Any]) -> str:
+    """` profiled step: kernels 0.21 s of GPU time (median step 0.47 s)` when a step was profiled."""
+    profiled = [step for step in record["steps"] if len(step) > 4 and step[4].get("profiled")]
+    if not profiled or profiled[0][4].get("kernel_s") is None:
+        return ""
+    kernel_s = profiled[0][4]["kernel_s"]
+    timed = [step[1] for step in record["steps"][record["warmup"] :] if len(step) == 4]
+    median = sorted(timed)[len(timed) // 2] if timed else float("nan")
+    return f" profiled step: kernels {kernel_s:.3f} s of GPU time (median step {median:.3f} s)"
 
 
 def _commands(records: list[dict[str, Any]]) -> list[str]:

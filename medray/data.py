@@ -4,8 +4,8 @@ Rows come from `data.path` (a JSON list, JSONL or Parquet file, or a folder of o
 names a file shipped in medray) or else from the hub (`data.hub_id`, `hub_config`, `hub_split`). Each row needs the
 three text columns named by `data.question_column`, `cot_column` and `response_column`; other columns are ignored.
 
-Everything runs on the driver before the trainer starts, and the datasets come back materialized, so bad data fails
-early with a `DataError` that names the file, the row and what to do:
+`build_datasets` runs on the driver before the trainer starts and returns materialized datasets, so bad data fails
+early, with a `DataError` that names the file, the row and what to do:
 - local JSON/JSONL files are pre-scanned line by line on the driver (streaming), because Ray's own reader gives opaque
   errors for a bad line;
 - Parquet and hub rows are checked inside `map_batches`; if a Parquet row fails, the driver then streams that file to
@@ -16,8 +16,9 @@ default special tokens (BOS for Mistral) + the text + exactly one EOS id, cut to
 or dropped, as `data.overlong` says. The validation split is picked by a seeded hash of each sample's text, so it is
 the same for a seed whatever the cluster size, block layout or row order.
 
-    data = build_datasets(cfg, tokenizer)
-    data.train.iter_torch_batches(batch_size=4, collate_fn=lambda batch: collate_batch(batch, pad_token_id_for(tok)))
+    prepared = build_datasets(cfg, tokenizer)
+    pad = pad_token_id_for(tokenizer)
+    batches = prepared.train.iter_torch_batches(batch_size=4, collate_fn=lambda batch: collate_batch(batch, pad))
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from medray.sources import resolve_data_path
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 JSON_SUFFIXES = (".json", ".jsonl")
 PARQUET_SUFFIX = ".parquet"
@@ -74,10 +76,11 @@ class PreparedData:
     validation: ray.data.Dataset | None
     """Same columns; None when `data.validation_fraction` is 0."""
     stats: dict[str, int]
-    """`rows_read`, `rows_train`, `rows_validation`, `rows_truncated`, `rows_dropped_overlong`, `tokens_train`."""
+    """`rows_read` (after `max_rows`), `rows_train`, `rows_validation`, `rows_truncated`, `rows_dropped_overlong`,
+    `tokens_train`."""
 
 
-def build_datasets(cfg: MedrayConfig, tokenizer: Any) -> PreparedData:
+def build_datasets(cfg: MedrayConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, check, format, tokenize and split the training data; raise on bad data before any training starts.
 
     Args:
@@ -317,13 +320,13 @@ def _raise_first_problem(problems: pd.Series, files: list[Path], data: DataArgs,
         return
     if files:
         _precheck(files, data, scan_parquet=True)  # raises, naming the file and the row number
-    raise DataError(f"{source}: a row {flagged.iloc[0]}")
+    raise DataError(f"{source}, a row: {flagged.iloc[0]}")
 
 
 # --- formatting and tokenization (runs in Ray tasks) ---------------------------------------------------------------
 
 
-def prepare_batch(batch: pa.Table, *, tokenizer: Any, data: DataArgs) -> pa.Table:
+def prepare_batch(batch: pa.Table, *, tokenizer: PreTrainedTokenizerBase, data: DataArgs) -> pa.Table:
     """Check, format and tokenize one batch of raw rows (the `map_batches` function).
 
     Args:
@@ -361,7 +364,7 @@ def _prepared_table(
     return pa.table(columns, schema=PREPARED_SCHEMA)
 
 
-def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of texts that end with the EOS text: default special tokens (BOS where the tokenizer adds one),
     then the text, then exactly one EOS id.
 
@@ -436,7 +439,7 @@ def _subset(prepared: ray.data.Dataset, conditions: list[Any]) -> ray.data.Datas
 # --- batches for the trainer ---------------------------------------------------------------------------------------
 
 
-def pad_token_id_for(tokenizer: Any) -> int:
+def pad_token_id_for(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id to pad with: the tokenizer's pad id, else its unk id (Mistral v0.3 has no pad token), else EOS.
 
     Padding never reaches the loss (labels are -100 there), so any id the embedding knows will do.

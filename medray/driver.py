@@ -78,7 +78,7 @@ def prepare_data(cfg: MedrayConfig):
     ray.data.DataContext.get_current().enable_progress_bars = False
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg, tokenizer)
-    data.stats["probe_input_ids"] = tokenizer(PROBE_TEXT)["input_ids"]
+    data.probe_input_ids = tokenizer(PROBE_TEXT)["input_ids"]
     return data
 
 
@@ -92,7 +92,7 @@ def build_trainer(cfg: MedrayConfig, data, *, trial: str | None = None, callback
         "run_id": f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
         "trial": trial,
         "tensorboard_dir": None if "://" in str(run_dir) else str(run_dir / "tensorboard"),
-        "probe_input_ids": data.stats.get("probe_input_ids"),
+        "probe_input_ids": getattr(data, "probe_input_ids", None),
     }
     datasets = {"train": data.train}
     if has_validation:

@@ -42,6 +42,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("validation") if plan["has_validation"] else None
 
+    plan = {**plan, "rank": rank}
+
     # 4. Trainer. Batches are collated by the trainer's own collator (Unsloth's padding-free one on that backend).
     trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
     _add_metrics_callback(trainer, cfg, plan, rank, world_size, model)
@@ -105,7 +107,9 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
     # The HF gradient-checkpointing flag is for the hf backend; Unsloth installs its own in get_peft_model.
     checkpointing = cfg.train.gradient_checkpointing and backend == "hf"
     return dict(
-        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan["run_id"]),
+        # One local folder per rank: RayTrainReportCallback uploads the newest checkpoint it finds there, and a rank
+        # that shared rank 0's folder could upload rank 0's previous adapter before the new one is written.
+        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan["run_id"] / f"rank{plan['rank']}"),
         max_steps=plan["max_steps"],
         per_device_train_batch_size=cfg.train.per_device_batch_size,
         per_device_eval_batch_size=cfg.train.per_device_batch_size,
@@ -231,7 +235,11 @@ def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:
         peak_flops=gpu_peak_flops(),
         total_steps=plan["max_steps"],
     )
-    # First in line, so TensorBoard and Ray's report see the fields it adds.
+    # First in line, so TensorBoard and Ray's report see the fields it adds. Its progress line replaces HF's
+    # PrinterCallback, which would print every log dict into `ray job logs`.
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     trainer.callback_handler.callbacks.insert(0, callback)
 
 

@@ -6,9 +6,10 @@ Other Ray instances run on the same machine (other tests, other people), so a cl
   refuses them) and below the kernel's ephemeral range;
 - turns token authentication on with a freshly generated token in its own file (`RAY_AUTH_MODE=token`,
   `RAY_AUTH_TOKEN_PATH`), never touching `~/.ray/auth_token`;
-- is stopped by killing exactly its own processes. Every process it starts inherits the environment variable
-  `MEDRAY_TEST_CLUSTER=<root>`; `stop()` ends those and their children. It never calls `ray stop`, which would end
-  every Ray instance on the machine.
+- is stopped by killing exactly its own processes. Every process it starts inherits the environment variables
+  `MEDRAY_TEST_CLUSTER=<root>` and `MEDRAY_TEST_OWNER=<pid of the test process>`; `stop()` ends those and their
+  children, and a new cluster first ends the clusters whose owner died without stopping them (a killed pytest).
+  It never calls `ray stop`, which would end every Ray instance on the machine.
 
     with local_ray_cluster(num_cpus=2) as cluster:
         cluster.ray("job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py", "--config", preset)
@@ -35,6 +36,8 @@ from pathlib import Path
 import psutil
 
 MARKER = "MEDRAY_TEST_CLUSTER"
+OWNER = "MEDRAY_TEST_OWNER"
+ROOT_PREFIX = "medray-ray-"
 PORT_RANGE = (20000, 32000)
 HEAD_PORT_FLAGS = (
     "--port",
@@ -103,6 +106,7 @@ class LocalRayCluster:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env[MARKER] = str(self.root)
+        env[OWNER] = str(os.getpid())
         if token:
             env["RAY_AUTH_MODE"] = "token"
             env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
@@ -185,15 +189,7 @@ class LocalRayCluster:
 
     def stop(self, grace_s: float = 5) -> None:
         """Terminate every process of this cluster, SIGKILL what is left after `grace_s`."""
-        processes = self.processes()
-        for process in processes:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-        _, alive = psutil.wait_procs(processes, timeout=grace_s)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        _terminate(self.processes(), grace_s)
 
     # -- clients ------------------------------------------------------------------------------------------------------
 
@@ -258,6 +254,40 @@ class LocalRayCluster:
         return "\n".join(parts)
 
 
+def _terminate(processes: list[psutil.Process], grace_s: float = 5) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_orphaned_clusters() -> None:
+    """End the processes of clusters from this module whose owning test process is gone (it was killed mid-test)."""
+    orphans, roots = [], set()
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = process.environ()
+            if MARKER in env and OWNER in env and not _alive(int(env[OWNER])):
+                orphans.append(process)
+                orphans.extend(process.children(recursive=True))
+                roots.add(Path(env[MARKER]))
+    _terminate(orphans)
+    for root in roots:
+        if root.name.startswith(ROOT_PREFIX):
+            shutil.rmtree(root, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_ray_cluster(num_cpus: int = 2, worker_nodes: int = 0, keep: bool = False) -> Iterator[LocalRayCluster]:
     """A started head (and `worker_nodes` more nodes) for the `with` block; always stopped and removed afterwards.
@@ -265,7 +295,8 @@ def local_ray_cluster(num_cpus: int = 2, worker_nodes: int = 0, keep: bool = Fal
     The root is a short folder in the system temp dir: Ray's Unix socket paths inside it must stay under 108 bytes,
     which pytest's deep `tmp_path` folders would break.
     """
-    root = Path(tempfile.mkdtemp(prefix="medray-ray-"))
+    stop_orphaned_clusters()
+    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
     cluster = LocalRayCluster(root, num_cpus=num_cpus)
     try:
         cluster.start_head()

