@@ -92,7 +92,6 @@ def build_datasets(cfg: MedrayConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
 
     Raises:
         DataError: If the data is missing, malformed or unusable; the message says where and what to do.
-        FileNotFoundError: If `data.path` does not exist.
     """
     data = cfg.data
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
@@ -129,7 +128,10 @@ def _read_rows(data: DataArgs) -> tuple[ray.data.Dataset, list[Path], str]:
     if data.path is None:
         source = f"hub dataset {data.hub_id} (config {data.hub_config}, split {data.hub_split})"
         return _read_hub(data), [], source
-    path = resolve_data_path(data.path)
+    try:
+        path = resolve_data_path(data.path)
+    except FileNotFoundError as error:
+        raise DataError(str(error)) from None
     files = _precheck(_list_files(path), data)
     return _read_files(files, data), files, str(path)
 
@@ -157,9 +159,10 @@ def _list_files(path: Path) -> list[Path]:
 
 
 def _read_files(files: list[Path], data: DataArgs) -> ray.data.Dataset:
-    paths, columns = [str(path) for path in files], _columns(data)
+    # `local://` pins the reads to this node: the files were found here, other nodes may not have them.
+    paths, columns = [f"local://{path.resolve()}" for path in files], _columns(data)
     if files[0].suffix == PARQUET_SUFFIX:
-        rows = ray.data.read_parquet(paths, columns=columns)
+        rows = ray.data.read_parquet(paths).select_columns(columns)
     else:
         # Read the three columns as text and skip the rest, so odd extra columns cannot break the read.
         schema = pa.schema([(name, pa.string()) for name in columns])

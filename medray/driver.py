@@ -71,7 +71,6 @@ def planned_steps(cfg: MedrayConfig, train_rows: int) -> int:
 def prepare_data(cfg: MedrayConfig):
     """Load the tokenizer and build the tokenized Ray datasets (fails fast on bad data)."""
     from medray.data import build_datasets
-
     from medray.model import load_tokenizer
 
     # Job logs are read by people: keep Ray Data's per-operator progress logging out of them.

@@ -78,6 +78,9 @@ def run_search(cfg: MedrayConfig) -> SearchOutcome:
     """Check the search, prepare the data once, run (or resume) the Tune experiment, write the leaderboard."""
     started = time.time()
     check_search(cfg)
+    resuming = tune.Tuner.can_restore(search_dir(cfg))
+    if resuming:
+        _check_same_search(cfg, search_dir(cfg))
     if not ray.is_initialized():
         ray.init()
     data = prepare_data(cfg)
@@ -93,7 +96,7 @@ def run_search(cfg: MedrayConfig) -> SearchOutcome:
     )
     ledger = _start_ledger(search_dir(cfg))
     try:
-        tuner = build_tuner(cfg, data, max_steps=max_steps, concurrency=concurrency)
+        tuner = build_tuner(cfg, data, max_steps=max_steps, concurrency=concurrency, resume=resuming)
         results = tuner.fit()
     finally:
         _free_placement_groups(ledger, None)
@@ -108,8 +111,8 @@ def search_dir(cfg: MedrayConfig) -> str:
     return f"{storage_path(cfg).rstrip('/')}/{cfg.run.name}"
 
 
-def build_tuner(cfg: MedrayConfig, data, *, max_steps: int, concurrency: int) -> tune.Tuner:
-    """A new Tuner, or the interrupted search restored from its folder (same config required)."""
+def build_tuner(cfg: MedrayConfig, data, *, max_steps: int, concurrency: int, resume: bool) -> tune.Tuner:
+    """A new Tuner, or (`resume`) the search restored from its folder: finished trials kept, the others continued."""
     path = search_dir(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -117,8 +120,7 @@ def build_tuner(cfg: MedrayConfig, data, *, max_steps: int, concurrency: int) ->
         ),
         trial_resources(cfg.tune),
     )
-    if tune.Tuner.can_restore(path):
-        _check_same_search(cfg, path)
+    if resume:
         logger.info("resuming the search in %s: finished trials are kept", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space(cfg.tune))
     _write_search_config(cfg, path)
@@ -129,9 +131,9 @@ def build_tuner(cfg: MedrayConfig, data, *, max_steps: int, concurrency: int) ->
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             scheduler=build_scheduler(cfg.tune, max_steps, cfg.train.eval_steps),
-            search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+            # The concurrency limit lives in the generator: Tune ignores max_concurrent_trials next to a search_alg.
+            search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrency),
             num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=concurrency,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -320,7 +322,7 @@ def _check_same_search(cfg: MedrayConfig, path: str) -> None:
     saved, current = _flatten(json.loads(saved_file.read_text())), _flatten(_comparable(cfg))
     changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
     if changed:
-        listing = ", ".join(f"{key} (was {saved.get(key)!r}, now {current.get(key)!r})" for key in changed[:8])
+        listing = ", ".join(f"{key} (was {saved.get(key)}, now {current.get(key)})" for key in changed[:8])
         raise ConfigError(
             [
                 f"the search in {path} was started with another config: {listing}. Run it again with the config it "
@@ -468,6 +470,7 @@ def write_search_outcome(
     best_config = write_best_config(cfg, best, max_steps, folder / "best_config.yaml") if best else None
     summary = search_summary(cfg, data_stats, rows, best, max_steps=max_steps, concurrency=concurrency)
     summary.update(
+        finished=_all_trials_ended(results),
         best_config=best_config,
         leaderboard={"csv": str(folder / "leaderboard.csv"), "markdown": str(folder / "leaderboard.md")},
         wall_time_s=round(wall_time_s, 2),
@@ -478,8 +481,19 @@ def write_search_outcome(
     summary_path.write_text(json.dumps(summary, indent=2))
     summary["report"] = _write_report(folder)
     summary_path.write_text(json.dumps(summary, indent=2))
-    logger.info("search finished:\n%s", markdown)
+    if summary["finished"]:
+        logger.info("search finished:\n%s", markdown)
+    else:
+        logger.warning("search interrupted; the same command resumes it. So far:\n%s", markdown)
     return SearchOutcome(search_dir=str(folder), summary_path=str(summary_path), summary=summary, results=results)
+
+
+def _all_trials_ended(results) -> bool:
+    """False when the search was interrupted (Ctrl-C, a stopped job) with trials left to run."""
+    try:
+        return results.num_terminated + results.num_errors == len(results)
+    except AttributeError:  # a plain list of results
+        return True
 
 
 def leaderboard_rows(cfg: MedrayConfig, results, max_steps: int) -> list[dict[str, Any]]:

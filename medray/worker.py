@@ -67,6 +67,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "backend": backend,
         "resumed_from_step": _checkpoint_step(resume_dir),
         "world_size": world_size,
+        "trainer_world_size": trainer.args.world_size,
+        "wrapped_model": type(trainer.model_wrapped).__name__,
         "node_ids": node_ids,
         "train_data_passes": trainer.ray_streams.train_passes,
         "probe": _probe(trainer.model, plan.get("probe_input_ids")),
@@ -139,6 +141,9 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        # Without CUDA, accelerate joins Ray's gloo process group only when told it runs on CPU; otherwise each
+        # worker would silently train its own copy of the model.
+        use_cpu=not torch.cuda.is_available(),
         accelerator_config={"dispatch_batches": False},
         report_to=["tensorboard"] if plan.get("tensorboard_dir") else [],
         disable_tqdm=True,

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # Ray starts 32 footer readers per read otherwise
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"

@@ -157,7 +157,7 @@ class LocalRayCluster:
             raise RuntimeError(f"ray start wrote no address file under {self.root / 'head'}")
         return address_file.read_text().strip().rsplit(":", 1)[0]
 
-    def wait_for_dashboard(self, timeout_s: float = 60) -> None:
+    def wait_for_dashboard(self, timeout_s: float = 120) -> None:
         """Poll the dashboard's jobs API until it answers (it starts a few seconds after `ray start` returns)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -200,11 +200,14 @@ class LocalRayCluster:
             command[3:3] = ["--address", self.dashboard_url]
         return subprocess.run(command, env=self.env(token), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
-    def http(self, method: str, path: str, token: bool = True, body: dict | None = None) -> tuple[int, dict | str]:
-        """One request to the dashboard, with `Authorization: Bearer <token>` unless `token=False`."""
+    def http(self, method: str, path: str, token: bool | str = True, body: dict | None = None):
+        """One request to the dashboard: `(status, parsed JSON or text)`.
+
+        Sends `Authorization: Bearer <cluster token>`, or no header with `token=False`, or the given string as token.
+        """
         request = urllib.request.Request(self.dashboard_url + path, method=method)
         if token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+            request.add_header("Authorization", f"Bearer {self.token if token is True else token}")
         if body is not None:
             request.add_header("Content-Type", "application/json")
             request.data = json.dumps(body).encode()
@@ -289,24 +292,42 @@ def stop_orphaned_clusters() -> None:
 
 
 @contextlib.contextmanager
-def local_ray_cluster(num_cpus: int = 2, worker_nodes: int = 0, keep: bool = False) -> Iterator[LocalRayCluster]:
+def local_ray_cluster(
+    num_cpus: int = 2, worker_nodes: int = 0, keep: bool = False, attempts: int = 3
+) -> Iterator[LocalRayCluster]:
     """A started head (and `worker_nodes` more nodes) for the `with` block; always stopped and removed afterwards.
 
     The root is a short folder in the system temp dir: Ray's Unix socket paths inside it must stay under 108 bytes,
-    which pytest's deep `tmp_path` folders would break.
+    which pytest's deep `tmp_path` folders would break. On a loaded machine `ray start` can give up waiting for its
+    own raylet (a fixed 30 s in Ray), so a failed start is cleaned up and tried again, up to `attempts` times.
     """
     stop_orphaned_clusters()
-    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
-    cluster = LocalRayCluster(root, num_cpus=num_cpus)
+    cluster = _start_cluster(num_cpus, worker_nodes, keep, attempts)
     try:
-        cluster.start_head()
-        for _ in range(worker_nodes):
-            cluster.add_node()
         yield cluster
     finally:
-        cluster.stop()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+        _discard(cluster, keep)
+
+
+def _start_cluster(num_cpus: int, worker_nodes: int, keep: bool, attempts: int) -> LocalRayCluster:
+    for attempt in range(1, attempts + 1):
+        cluster = LocalRayCluster(Path(tempfile.mkdtemp(prefix=ROOT_PREFIX)), num_cpus=num_cpus)
+        try:
+            cluster.start_head()
+            for _ in range(worker_nodes):
+                cluster.add_node()
+            return cluster
+        except BaseException as error:  # never leave a half-started cluster behind, even on Ctrl-C
+            _discard(cluster, keep)
+            if attempt == attempts or not isinstance(error, RuntimeError | subprocess.TimeoutExpired):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _discard(cluster: LocalRayCluster, keep: bool) -> None:
+    cluster.stop()
+    if not keep:
+        shutil.rmtree(cluster.root, ignore_errors=True)
 
 
 def _ray_bin() -> str:

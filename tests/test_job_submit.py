@@ -92,11 +92,7 @@ def test_submission_without_the_token_is_refused(head):
 
     # The same request over plain HTTP: 401 without a token, 403 with a wrong one, and no job was created.
     assert head.http("POST", "/api/jobs/", token=False, body={"entrypoint": "echo hi"})[0] == 401
-    head.token, real_token = "0" * 64, head.token
-    try:
-        assert head.http("GET", "/api/jobs/")[0] == 403
-    finally:
-        head.token = real_token
+    assert head.http("GET", "/api/jobs/", token="0" * 64)[0] == 403
     status, jobs = head.http("GET", "/api/jobs/")
     assert status == 200
     assert not any(marker in job["entrypoint"] for job in jobs)

@@ -334,3 +334,16 @@ def test_failed_and_silent_trials_rank_last():
     assert [row["trial"] for row in rows] == ["t_1", "t_00000"]
     assert rows[1]["error"] == "worker died" and rows[1]["stopped_by"] == "error" and not rows[1]["stopped_early"]
     assert rows[1]["steps"] == 0 and math.isclose(rows[0]["best"], 3.0)
+
+
+def test_resuming_with_another_config_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    from medray import search
+
+    first = config(f"run.storage_path={tmp_path}", "run.name=again", "tune.max_steps=6")
+    folder = tmp_path / "again"
+    search._write_search_config(first, str(folder))
+    (folder / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    monkeypatch.setattr(search.ray, "init", lambda *a, **k: pytest.fail("Ray started before the config was checked"))
+    changed = config(f"run.storage_path={tmp_path}", "run.name=again", "tune.max_steps=6", "lora.r=4")
+    with pytest.raises(ConfigError, match=r"started with another config: lora.r \(was 8, now 4\)"):
+        search.run_search(changed)

@@ -50,6 +50,8 @@ def tune_results(search: Path) -> dict[str, list[dict]]:
     """Each trial's reports as Tune recorded them (`tune-<trial>/result.json`), by trial id."""
     results = {}
     for folder in sorted(search.glob("tune-*")):
+        if not (folder / "result.json").is_file():  # a trial that has not started yet
+            continue
         lines = (folder / "result.json").read_text().splitlines()
         results[folder.name.removeprefix("tune-")] = [json.loads(line) for line in lines if line.strip()]
     return results
@@ -81,11 +83,20 @@ def asha_search(ray_local, tiny_mistral_dir, tmp_path_factory):
     return ray_local, search, json.loads((search / "summary.json").read_text())
 
 
+def most_at_once(results: dict[str, list[dict]]) -> int:
+    """The most trials that were running at the same moment, from each trial's first and last report."""
+    spans = [
+        (reports[0]["timestamp"] - reports[0]["time_total_s"], reports[-1]["timestamp"]) for reports in results.values()
+    ]
+    return max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+
+
 def test_trials_ran_two_at_a_time_and_asha_stopped_some_early(asha_search):
     _, search, summary = asha_search
     assert summary["num_trials"] == 4 and summary["max_concurrent_trials"] == 2  # 2 CPUs / 1 worker of 1 CPU
     results = tune_results(search)
     assert len(results) == 4
+    assert most_at_once(results) == 2
     steps = {trial: max(report["step"] for report in reports) for trial, reports in results.items()}
     iterations = {trial: max(report["training_iteration"] for report in reports) for trial, reports in results.items()}
     stopped = [trial for trial, last in steps.items() if last < 4]

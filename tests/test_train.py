@@ -47,6 +47,9 @@ def test_step_count_is_exact_for_two_workers(two_worker_run):
     assert planned_steps(cfg, rows) == expected >= 3
     assert summary["steps"] == expected
     assert summary["world_size"] == 2
+    # One model trained by both workers (DDP), not two models trained side by side.
+    assert outcome.result.return_value["trainer_world_size"] == 2
+    assert outcome.result.return_value["wrapped_model"] == "DistributedDataParallel"
     # Each worker read its own half exactly once: a second sharding would have made it loop over its data.
     assert summary["train_data_passes"] == 1
 

@@ -58,6 +58,10 @@ def test_unsloth_backend_trains_under_ray_train(ray_gpus, tiny_mistral_dir, tmp_
     summary = outcome.summary
     assert summary["backend"] == "unsloth"
     assert summary["steps"] == 12 and summary["world_size"] == workers
+    returned = outcome.result.return_value
+    assert returned["trainer_world_size"] == workers
+    if workers > 1:
+        assert returned["wrapped_model"] == "DistributedDataParallel"
     losses = [entry["loss"] for entry in outcome.result.return_value["log_history"] if "loss" in entry]
     assert losses[-1] < losses[0]
     final = summary["metrics"]["final"]
