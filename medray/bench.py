@@ -247,7 +247,10 @@ def peak_tflops(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.peak_file)
     if not path.is_file():
         command = [sys.executable, str(REPO_ROOT / "jobs" / "benchmark.py"), "--measure-peak", "--peak-file", str(path)]
-        subprocess.run(command + (["--cpu"] if args.cpu else []), check=True, cwd=REPO_ROOT)
+        done = subprocess.run(command + (["--cpu"] if args.cpu else []), cwd=REPO_ROOT)
+        if done.returncode != 0:  # e.g. a Ray job's driver on a node without a GPU: no MFU, the rest stands
+            print(f"could not measure the matmul peak (exit {done.returncode}); MFU left out", file=sys.stderr)
+            return {"tflops": None, "gpu": None, "matmul": None}
     return json.loads(path.read_text())
 
 
@@ -367,7 +370,13 @@ def _single_trainer(cfg: MedrayConfig, args, model, tokenizer, backend: str, tim
 
     from medray.worker import _sft_arguments
 
-    plan = {"max_steps": total_steps(args), "has_validation": False, "run_id": args.run_name, "tensorboard_dir": None}
+    plan = {
+        "max_steps": total_steps(args),
+        "has_validation": False,
+        "run_id": args.run_name,
+        "rank": 0,
+        "tensorboard_dir": None,
+    }
     sft = SFTConfig(**{**_sft_arguments(cfg, plan, backend), **knob_sft_arguments(args)})
     rows = make_rows(rows_needed(args), args.lengths, args.seq_len, args.seed)
     if args.sort_lengths:
@@ -526,7 +535,7 @@ def make_record(args: argparse.Namespace, per_rank: list[tuple[list, float | Non
         "tokens_per_s_total": _round(sum(rates), 1) if per_gpu is not None else None,
         "tokens_per_s_steady": _round(first["tokens_per_s_steady"], 1),
         "peak_reserved_gb": round(max(peaks), 2) if peaks else None,
-        "mfu": _round(6 * n_params * per_gpu / (peak["tflops"] * 1e12), 4) if per_gpu else None,
+        "mfu": _round(6 * n_params * per_gpu / (peak["tflops"] * 1e12), 4) if per_gpu and peak["tflops"] else None,
         "s_per_step": round(first["s_per_step_mean"], 4),
         "s_per_step_min": round(first["s_per_step_min"], 4),
         "s_per_step_max": round(first["s_per_step_max"], 4),

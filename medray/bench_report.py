@@ -203,8 +203,8 @@ def write_report(json_path: str | Path, md_path: str | Path, extra_startup_s: fl
 def _header(records: list[dict[str, Any]]) -> str:
     newest = max(records, key=lambda record: record["date"])
     dates = sorted({record["date"] for record in records})
-    gpus = sorted({record["gpu"] for record in records})
-    peaks = sorted({record["peak_tflops"] for record in records})
+    gpus = sorted({record["gpu"] for record in records if record.get("gpu")})
+    peaks = sorted({record["peak_tflops"] for record in records if record.get("peak_tflops")})
     lengths = sorted({record["seq_len"] for record in records})
     version_text = ", ".join(f"{name} {version}" for name, version in newest["versions"].items() if version)
     return "\n".join(
