@@ -1,8 +1,8 @@
 """The `medray` command: `medray train|tune|report ...`. `jobs/*.py` call the same functions for `ray job submit`.
 
-    medray train                                   # the offline CPU demo preset (jobs/configs/cpu-demo.yaml)
-    medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu=true
-    medray report ~/medray_results/medray-demo
+medray train                                   # the offline CPU demo preset (jobs/configs/cpu-demo.yaml)
+medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu=true
+medray report ~/medray_results/medray-demo
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ def tune_command(args: argparse.Namespace) -> int:
     from medray.search import run_search
 
     outcome = run_search(config_from_args(args))
+    best = outcome.summary["best_trial"]
+    if best:
+        print(
+            f"best trial {best['trial']} | {outcome.summary['metric']} {best['best']:.4f} | {best['params']} | "
+            f"adapter {outcome.summary['best_checkpoint']} | preset {outcome.summary['best_config']}",
+            flush=True,
+        )
     print(f"summary: {outcome.summary_path}", flush=True)
     return 0
 

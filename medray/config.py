@@ -131,6 +131,15 @@ class TrainArgs(Section):
     """Mixed precision: `auto` is bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
+    padding: Literal["auto", "padding_free", "padded"] = "auto"
+    """Micro-batch layout: `padding_free` packs each micro-batch into one row (no pad tokens; on unsloth the decoder
+    layers then run eagerly), `padded` pads rows to the longest (on unsloth the decoder layers run compiled), `auto`
+    leaves the choice to Unsloth (padding-free on H100/H200) or TRL (padded)."""
+    length_grouping: bool = False
+    """Sort the rows of each optimizer step by length before cutting them into micro-batches: every step keeps its
+    rows (same effective batch, same optimizer steps), padded micro-batches carry less padding."""
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+    """Pad every micro-batch to a multiple of this many tokens, so fewer distinct shapes reach compiled kernels."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     """Gradient clipping norm."""
     seed: int = 3407

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
 import time
 from typing import Any
 
@@ -153,7 +154,9 @@ class TrainingMetricsCallback:
             total = state.max_steps if state.max_steps > 0 else self.total_steps
             elapsed = time.perf_counter() - self._start_time
             line = progress_line(state.global_step, total, self._start_step, elapsed, logs)
-            print(line, flush=True)
+            # stderr: Ray Train V2 copies a worker's stdout into its stderr log, so a print would show twice in
+            # `ray job logs`.
+            print(line, file=sys.stderr, flush=True)
 
     def _fields(self, state, logs: dict[str, Any]) -> dict[str, float]:
         """The figures for one log entry; an evaluation's entry gets none, and its time leaves the token rate."""

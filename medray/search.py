@@ -402,13 +402,13 @@ class FreeTrialPlacementGroups(tune.Callback):
         self._last_sweep = 0.0
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        _free_placement_groups(self._ledger(), [trial.trial_id])
+        self._free([trial.trial_id])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        _free_placement_groups(self._ledger(), [trial.trial_id])
+        self._free([trial.trial_id])
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        _free_placement_groups(self._ledger(), [trial.trial_id])
+        self._free([trial.trial_id])
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         # A stopped trial's controller can start a worker group after on_trial_complete: sweep the ended ones again.
@@ -417,10 +417,14 @@ class FreeTrialPlacementGroups(tune.Callback):
         self._last_sweep = time.monotonic()
         ended = [trial.trial_id for trial in trials if trial.status in ("TERMINATED", "ERROR")]
         if ended:
-            _free_placement_groups(self._ledger(), ended)
+            self._free(ended)
 
-    def _ledger(self):
-        return ray.get_actor(self.ledger_name)
+    def _free(self, trial_ids: list[str]) -> None:
+        try:
+            ledger = ray.get_actor(self.ledger_name)
+        except ValueError:  # no ledger (a search restored outside run_search): nothing was recorded
+            return
+        _free_placement_groups(ledger, trial_ids)
 
 
 class PlacementGroupLedger:

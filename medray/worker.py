@@ -4,7 +4,8 @@ Sections read top to bottom: 1 config, 2 model (unsloth is imported here, before
 3 data streamed from Ray, 4 trainer, 5 resume, 6 train, 7 return the history to the driver.
 
 The driver passes `{"medray": MedrayConfig.to_dict(), "plan": {...}}`; `plan` holds what the driver derived
-(`max_steps`, `run_dir`, `has_validation`, `trial`).
+(`max_steps`, `run_dir`, `has_validation`, `trial`). The benchmark (medray.bench) adds `time_steps` (stamp every
+optimizer step with medray.steptimer and return every rank's records), `profile_step` and `profile_path`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
-from medray.config import MedrayConfig
+from medray.config import MedrayConfig, TrainArgs
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
 
 
@@ -47,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # 4. Trainer. Batches are collated by the trainer's own collator (Unsloth's padding-free one on that backend).
     trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
     _add_metrics_callback(trainer, cfg, plan, rank, world_size, model)
+    timer = _add_step_timer(trainer, cfg, plan, rank, device)
 
     # 5. Resume: a run restarted with the same name (or after a worker failure) continues from its last checkpoint.
     resume_dir = _restore_checkpoint(ray.train.get_checkpoint())
@@ -56,6 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     # 7. Rank 0 returns the history; the driver writes summary.json and the report from it.
     node_ids = _node_ids(world_size)  # a collective: every rank takes part
+    workers = _gather(_worker_stats(timer, rank, device), world_size) if timer else None  # a collective too
     if rank != 0:
         return None
     return {
@@ -72,6 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "node_ids": node_ids,
         "train_data_passes": trainer.ray_streams.train_passes,
         "probe": _probe(trainer.model, plan.get("probe_input_ids")),
+        "workers": workers,
     }
 
 
@@ -92,7 +97,7 @@ def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard
         callbacks=[RayTrainReportCallback()],
     )
     collate = _trainer_collate(trainer.data_collator)
-    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train.per_device_batch_size, collate)
+    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train, collate, args.device)
     if eval_shard is not None and cfg.train.early_stopping_patience > 0:
         trainer.add_callback(
             EarlyStoppingCallback(
@@ -151,7 +156,19 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
         data_seed=cfg.train.seed,
         dataloader_pin_memory=False,
         include_num_input_tokens_seen="non_padding",
+        **_batch_layout(cfg.train),
     )
+
+
+def _batch_layout(train: TrainArgs) -> dict[str, Any]:
+    """`train.padding` and `train.pad_to_multiple_of` as SFTConfig values; `auto` and None leave the choice to
+    Unsloth and TRL (an explicit `padding_free` overrides Unsloth's own pick)."""
+    layout: dict[str, Any] = {}
+    if train.padding != "auto":
+        layout["padding_free"] = train.padding == "padding_free"
+    if train.pad_to_multiple_of:
+        layout["pad_to_multiple_of"] = train.pad_to_multiple_of
+    return layout
 
 
 def _trainer_collate(collator):
@@ -168,28 +185,58 @@ def _trainer_collate(collator):
 class _RayStreams:
     """DataLoaders over this worker's Ray shards: already split per worker, so nothing shards them again."""
 
-    def __init__(self, train_shard, eval_shard, batch_size, collate):
+    def __init__(self, train_shard, eval_shard, train: TrainArgs, collate, device: torch.device):
         self.train_shard, self.eval_shard = train_shard, eval_shard
-        self.batch_size, self.collate = batch_size, collate
+        self.batch_size, self.collate = train.per_device_batch_size, collate
+        # Batches go to the worker's device here, as accelerate's prepared DataLoaders do: Unsloth gathers token
+        # counts across ranks from the batch before the trainer moves it, and NCCL refuses CPU tensors.
+        self.device = device
+        self.step_rows = train.per_device_batch_size * train.gradient_accumulation_steps
+        self.length_grouping = train.length_grouping
+        self.on_train_batch = None  # called with every training micro-batch's rows, in training order
         self.train_passes = 0
+        self._eval_batches: list | None = None
 
     def train_loader(self):
-        # One endless stream across epochs: the trainer stops at max_steps, so the step count is exact and no
-        # partial accumulation happens at an epoch boundary.
+        # One endless stream across epochs: the trainer stops at max_steps, so the step count is exact. Each Ray
+        # batch holds one optimizer step's rows, cut here into micro-batches; a partial step at the end of a pass is
+        # dropped, never mixed with the next pass. Collating here, not in Ray's threads, keeps the training order.
         def batches():
             for passes in itertools.count(1):
                 self.train_passes = passes
-                yield from self.train_shard.iter_torch_batches(
-                    batch_size=self.batch_size, collate_fn=self.collate, drop_last=True, prefetch_batches=2
-                )
+                for rows in self.train_shard.iter_batches(
+                    batch_size=self.step_rows, batch_format="numpy", drop_last=True, prefetch_batches=2
+                ):
+                    for micro_batch in micro_batches(rows, self.batch_size, self.length_grouping):
+                        if self.on_train_batch is not None:
+                            self.on_train_batch(micro_batch)
+                        yield _to_device(self.collate(micro_batch), self.device)
 
         return torch.utils.data.DataLoader(_IterableOf(batches), batch_size=None)
 
     def eval_loader(self):
-        def batches():
-            yield from self.eval_shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
+        # The validation shard is small and the same at every evaluation: read it from Ray once, then reuse it.
+        if self._eval_batches is None:
+            self._eval_batches = list(
+                _to_device(batch, self.device)
+                for batch in self.eval_shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
+            )
+        return torch.utils.data.DataLoader(_IterableOf(lambda: iter(self._eval_batches)), batch_size=None)
 
-        return torch.utils.data.DataLoader(_IterableOf(batches), batch_size=None)
+
+def micro_batches(rows: dict[str, Any], batch_size: int, by_length: bool):
+    """Cut one optimizer step's rows (numpy columns) into micro-batches of `batch_size`, longest rows first when
+    `by_length`: the step keeps its rows, and the rows of each micro-batch differ less in length."""
+    count = len(rows["input_ids"])
+    lengths = rows["length"] if "length" in rows else [len(ids) for ids in rows["input_ids"]]
+    order = np.argsort(-np.asarray(lengths), kind="stable") if by_length else np.arange(count)
+    for start in range(0, count, batch_size):
+        index = order[start : start + batch_size]
+        yield {name: column[index] for name, column in rows.items()}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 class _IterableOf(torch.utils.data.IterableDataset):
@@ -248,6 +295,36 @@ def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:
     trainer.callback_handler.callbacks.insert(0, callback)
 
 
+def _add_step_timer(trainer, cfg, plan, rank, device):
+    """With `plan["time_steps"]` (the benchmark): stamp every optimizer step, count its real tokens at the loader."""
+    if not plan.get("time_steps"):
+        return None
+    from medray.steptimer import make_step_timer
+
+    profile_path = plan.get("profile_path")
+    timer = make_step_timer(
+        sync_cuda=device.type == "cuda",
+        grad_accum=cfg.train.gradient_accumulation_steps,
+        profile_step=plan.get("profile_step"),
+        profile_path=profile_path.format(rank=rank) if profile_path else None,
+    )
+    trainer.add_callback(timer)
+    trainer.ray_streams.on_train_batch = timer.count_tokens
+    return timer
+
+
+def _worker_stats(timer, rank: int, device: torch.device) -> dict[str, Any]:
+    """This rank's step records and peak memory: the benchmark's per-GPU figures."""
+    cuda = device.type == "cuda"
+    return {
+        "rank": rank,
+        "step_times": timer.records,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1024**3 if cuda else None,
+        "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+    }
+
+
 def _probe(model, input_ids: list[int] | None, top: int = 20) -> dict | None:
     """The trained model's top next-token logits for a fixed prompt: a fingerprint the saved adapter must match."""
     if not input_ids:
@@ -284,9 +361,13 @@ def _best_step(state) -> int | None:
 
 def _node_ids(world_size: int) -> list[str]:
     """Node id of every worker, gathered over the process group (rank order)."""
-    node_id = ray.get_runtime_context().get_node_id()
+    return [str(item) for item in _gather(ray.get_runtime_context().get_node_id(), world_size)]
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """`value` from every rank, in rank order; a collective: every rank must call it."""
     if world_size == 1 or not torch.distributed.is_initialized():
-        return [node_id]
-    gathered: list[str | None] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, node_id)
-    return [str(item) for item in gathered]
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

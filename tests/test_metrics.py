@@ -145,14 +145,14 @@ def test_fields_reach_tensorboard_when_the_callback_comes_first(hf_run):
 
 def test_rank0_prints_one_progress_line_per_log(tiny_mistral_dir, tmp_path, capsys):
     train_tiny(tiny_mistral_dir, tmp_path / "rank0", TrainingMetricsCallback("r", rank=0))
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[medray] ")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[medray] ")]
     assert len(lines) == MAX_STEPS + MAX_STEPS // EVAL_STEPS + 1  # training logs, evaluations, the final summary
     assert lines[0].startswith("[medray] step 1/6 (17%) | loss ")
     assert " tok/s | " in lines[0] and "| ETA " in lines[0]
     assert "eval_loss" in lines[EVAL_STEPS] and "train_loss" in lines[-1] and "ETA" not in lines[-1]
 
     train_tiny(tiny_mistral_dir, tmp_path / "rank1", TrainingMetricsCallback("r", rank=1))
-    assert "[medray]" not in capsys.readouterr().out
+    assert "[medray]" not in capsys.readouterr().err
 
 
 def test_trl_sft_trainer_counts_tokens_without_hf_token_counting(tiny_mistral_dir, tmp_path):

@@ -143,10 +143,12 @@ def test_configuration_table_flattens_every_key(tmp_path):
     markdown = write_report(make_run(tmp_path / "run", synthetic_history())).read_text()
     rows = dict(read_table(markdown, "Configuration"))
     config = MedrayConfig().to_dict()
-    leaves = [f"{section}.{key}" for section, values in config.items() if values for key in values]
-    assert set(rows) == set(leaves) | {"tune"}
+    leaves = [f"{section}.{key}" for section, values in config.items() for key in values if key != "space"]
+    space = [f"tune.space.{key}.{sampler}" for key, spec in config["tune"]["space"].items() for sampler in spec]
+    assert set(rows) == set(leaves) | set(space)
     assert rows["run.name"] == "report-test" and rows["scaling.num_workers"] == "2"
-    assert rows["lora.r"] == "16" and rows["train.learning_rate"] == "0.0002" and rows["tune"] == "{}"
+    assert rows["lora.r"] == "16" and rows["train.learning_rate"] == "0.0002" and rows["tune.num_samples"] == "4"
+    assert rows["tune.space.lora.r.choice"] == "8, 16, 32"
     assert rows["lora.target_modules"] == "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
     assert rows["data.template"].endswith("characters, see summary.json)") and "\n" not in rows["data.template"]
 

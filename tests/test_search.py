@@ -347,3 +347,15 @@ def test_resuming_with_another_config_is_refused_before_ray_starts(tmp_path, mon
     changed = config(f"run.storage_path={tmp_path}", "run.name=again", "tune.max_steps=6", "lora.r=4")
     with pytest.raises(ConfigError, match=r"started with another config: lora.r \(was 8, now 4\)"):
         search.run_search(changed)
+
+
+def test_ledger_hands_back_the_groups_of_ended_trials_once():
+    from medray.search import PlacementGroupLedger
+
+    ledger = PlacementGroupLedger()
+    ledger.add("a", "group-a1")
+    ledger.add("a", "group-a2")  # a retried trial starts a second worker group
+    ledger.add("b", "group-b")
+    assert ledger.pop(["a", "unknown"]) == ["group-a1", "group-a2"]
+    assert ledger.pop(["a"]) == []
+    assert ledger.pop(None) == ["group-b"]

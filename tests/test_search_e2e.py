@@ -205,7 +205,8 @@ def test_stopped_search_job_resumes_without_rerunning_finished_trials(tiny_mistr
         print(f"resumed search took {time.monotonic() - started:.0f}s")
         assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
         logs = head.ray("job", "logs", second).stdout
-        assert logs.strip().splitlines()[-1] == f"summary: {search / 'summary.json'}"
+        # The search's last line (Ray may still print a worker's log line after it).
+        assert f"summary: {search / 'summary.json'}" in logs.splitlines()
         assert "resuming the search" in logs
         assert head.alive_actors("RayTrainWorker") == []
 

@@ -32,8 +32,13 @@ def two_worker_run(ray_local, tiny_mistral_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("runs")
     # One epoch (train.max_steps=-1): the step count is derived from the data, so double sharding would show.
     cfg = tiny_config(
-        tmp_path, tiny_mistral_dir, "train.max_steps=-1", "train.num_epochs=1", "scaling.num_workers=2",
-        "train.eval_steps=2", "run.name=two-workers",
+        tmp_path,
+        tiny_mistral_dir,
+        "train.max_steps=-1",
+        "train.num_epochs=1",
+        "scaling.num_workers=2",
+        "train.eval_steps=2",
+        "run.name=two-workers",
     )
     outcome = run_training(cfg)
     return cfg, outcome

@@ -2,11 +2,16 @@
 # the bundle's environment sourced, and the repo root as the working directory.
 # Everything goes to $OUT (default ./bench_out): one log per run, benchmarks.json (one record per run),
 # benchmarks.md, peak.json and the profiled steps' operator tables.
+# A CPU rehearsal of a script's plumbing (no GPU; a tiny model):
+#   REHEARSAL=1 PYTHON=/work/venv/bin/python MODEL_DIR=/tmp/tiny BENCH_EXTRA="--cpu --steps 3 --warmup 1" ...
 REPO=$PWD
 O=${OUT:-$PWD/bench_out}
 mkdir -p "$O"
-J=(python3 "$REPO/jobs/benchmark.py")
-COMMON=(--model-dir /tmp/m7b --json "$O/benchmarks.json" --peak-file "$O/peak.json")
+MODEL_DIR=${MODEL_DIR:-/tmp/m7b}
+# shellcheck disable=SC2206  # a list of flags
+EXTRA=(${BENCH_EXTRA:-})
+J=("${PYTHON:-python3}" "$REPO/jobs/benchmark.py")
+COMMON=(--model-dir "$MODEL_DIR" --json "$O/benchmarks.json" --peak-file "$O/peak.json")
 
 left() { echo $(( DEADLINE - (SECONDS - START) )); }
 
@@ -21,7 +26,7 @@ bench() {
   if [ "$limit" -lt 60 ]; then echo "== $name skipped: $(left) s left"; return 0; fi
   mkdir -p "/tmp/bench_$name"
   local t0=$SECONDS
-  (cd "/tmp/bench_$name" && CUDA_VISIBLE_DEVICES=$devices timeout -k 10 "$limit" "${J[@]}" "${COMMON[@]}" "$@") \
+  (cd "/tmp/bench_$name" && CUDA_VISIBLE_DEVICES=$devices timeout -k 10 "$limit" "${J[@]}" "${COMMON[@]}" "$@" "${EXTRA[@]}") \
     > "$O/$name.log" 2>&1
   local rc=$?
   echo "== $name rc=$rc in $((SECONDS - t0)) s (limit $limit s), at $((SECONDS - START)) s"
@@ -36,13 +41,14 @@ bench() {
 # Build /tmp/m7b (random weights, Mistral-7B v0.3 config and tokenizer) once, and measure the bf16 matmul peak once.
 prepare() {
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-  if [ ! -f /tmp/m7b/config.json ]; then
-    CUDA_VISIBLE_DEVICES=0 timeout -k 5 180 "${J[@]}" --build --model-dir /tmp/m7b --tokenizer "$TOK" \
+  if [ ! -f "$MODEL_DIR/config.json" ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 180 "${J[@]}" --build --model-dir "$MODEL_DIR" --tokenizer "$TOK" "${EXTRA[@]}" \
       > "$O/build.log" 2>&1
     echo "build rc=$? at $((SECONDS - START)) s"; grep -a "^BUILT" "$O/build.log" | cut -c1-300
   fi
   if [ ! -f "$O/peak.json" ]; then
-    CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 "${J[@]}" --measure-peak --peak-file "$O/peak.json" > "$O/peak.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 "${J[@]}" --measure-peak --peak-file "$O/peak.json" "${EXTRA[@]}" \
+      > "$O/peak.log" 2>&1
   fi
   echo "peak: $(cat "$O/peak.json" 2>/dev/null || tail -n 3 "$O/peak.log")"
 }

@@ -11,8 +11,8 @@ set -u
 BUNDLE=${1:?usage: bash tests/gpu/run.sh BUNDLE [DEADLINE_S]}
 DEADLINE=${2:-530}
 START=$SECONDS
-source .gpu/device_env.sh "$BUNDLE" pinned || exit 1
-export PYTHONPATH="$PWD:$PYTHONPATH"
+if [ -z "${REHEARSAL:-}" ]; then source .gpu/device_env.sh "$BUNDLE" pinned || exit 1; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 source tests/gpu/bench_lib.sh
 prepare
 
