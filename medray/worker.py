@@ -29,9 +29,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Train one LoRA adapter; every worker runs this, rank 0 returns the history."""
     # 1. Config: plain dicts crossed the Ray boundary; rebuild the typed tree.
     cfg = MedrayConfig.from_dict(config["medray"])
-    plan = config["plan"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    plan = {**config["plan"], "rank": rank}
 
     # 2. Model. Imports unsloth (when chosen) before trl / transformers / peft are imported in this process.
     backend = resolve_backend(cfg.model)
@@ -43,8 +43,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # 3. Data: this worker's shard of the pre-tokenized splits, streamed from Ray Data.
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("validation") if plan["has_validation"] else None
-
-    plan = {**plan, "rank": rank}
 
     # 4. Trainer. Batches are collated by the trainer's own collator (Unsloth's padding-free one on that backend).
     trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
