@@ -52,32 +52,43 @@ def mistral_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
-    """A 2-layer random-weight MistralForCausalLM with the real tokenizer, saved as safetensors."""
+TINY_MISTRAL_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+
+def save_random_mistral(folder: Path, tokenizer_dir: Path, dtype=None, **shape) -> Path:
+    """Save a random-weight MistralForCausalLM of `shape` (v0.3 vocabulary) and the real tokenizer as safetensors."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny_mistral")
     config = MistralConfig(
         vocab_size=32768,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=4096,
         rope_theta=1e6,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
+        **shape,
     )
     torch.manual_seed(0)
     model = MistralForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(str(folder), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir)).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
+    """A 2-layer random-weight MistralForCausalLM with the real tokenizer, saved as safetensors."""
+    return save_random_mistral(tmp_path_factory.mktemp("tiny_mistral"), mistral_tokenizer_dir, **TINY_MISTRAL_SHAPE)
 
 
 @pytest.fixture(scope="module")

@@ -45,27 +45,12 @@ def ray_gpus():
 @pytest.fixture(scope="module")
 def small_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
     """A random ~0.3B-parameter Mistral (12 layers, hidden 1024) in bf16 with the real tokenizer."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    from conftest import save_random_mistral
 
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16)
+    shape.update(num_key_value_heads=8, head_dim=64)
     folder = tmp_path_factory.mktemp("small_mistral")
-    config = MistralConfig(
-        vocab_size=32768,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir)).save_pretrained(str(folder))
-    return folder
+    return save_random_mistral(folder, mistral_tokenizer_dir, dtype=torch.bfloat16, **shape)
 
 
 def gpu_search_config(model_dir: Path, storage: Path, scheduler: str):
