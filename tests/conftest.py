@@ -19,9 +19,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # Ray starts 32 footer readers per read otherwise
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real rows live beside the checkout (../shared/data) and are never copied into the repo.
+SHARED_DATA = Path(os.environ.get("MEDRAY_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"
 MEDQA_TEST = SHARED_DATA / "medqa-usmle-4opt" / "medqa_usmle_4options_test_first300.jsonl"
+
+
+@pytest.fixture(scope="session")
+def medical_o1_demo() -> Path:
+    """The 198 real medical-o1 rows from the dataset's authors (../shared/data)."""
+    if not MEDICAL_O1_DEMO.is_file():
+        pytest.skip(f"{MEDICAL_O1_DEMO} is missing: set MEDRAY_SHARED_DATA to the folder holding medical-o1/")
+    return MEDICAL_O1_DEMO
 
 
 def mistral_sentencepiece_model() -> Path:

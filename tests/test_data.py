@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MEDICAL_O1_DEMO, build_mistral_tokenizer
+from conftest import build_mistral_tokenizer
 
 from medray.config import DEFAULT_TEMPLATE, load_config
 from medray.data import DataError, build_datasets, collate_batch, encode, pad_token_id_for
@@ -32,8 +32,8 @@ def tokenizer(mistral_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def demo_rows() -> list[dict]:
-    return [json.loads(line) for line in MEDICAL_O1_DEMO.read_text().splitlines()]
+def demo_rows(medical_o1_demo) -> list[dict]:
+    return [json.loads(line) for line in medical_o1_demo.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def demo_lengths(demo_rows, tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_local, tokenizer):
+def demo(ray_local, tokenizer, medical_o1_demo):
     """The default build of the demo file (seed 3407, 10 % validation, max_length 2048)."""
-    return build_datasets(_config(MEDICAL_O1_DEMO), tokenizer)
+    return build_datasets(_config(medical_o1_demo), tokenizer)
 
 
 def _config(path: Path | str, *overrides: str):
@@ -98,9 +98,9 @@ def test_every_sample_is_bos_text_eos(demo, tokenizer):
     assert "### Question:" in text and "<think>" in text and "</think>" in text
 
 
-def test_split_is_fixed_by_the_seed(demo, tokenizer):
-    again = build_datasets(_config(MEDICAL_O1_DEMO), tokenizer)
-    other = build_datasets(_config(MEDICAL_O1_DEMO, "data.seed=1"), tokenizer)
+def test_split_is_fixed_by_the_seed(demo, tokenizer, medical_o1_demo):
+    again = build_datasets(_config(medical_o1_demo), tokenizer)
+    other = build_datasets(_config(medical_o1_demo, "data.seed=1"), tokenizer)
     held_out = sorted(map(tuple, _samples(demo.validation)))
     assert sorted(map(tuple, _samples(again.validation))) == held_out
     assert sorted(map(tuple, _samples(other.validation))) != held_out
@@ -108,10 +108,10 @@ def test_split_is_fixed_by_the_seed(demo, tokenizer):
 
 
 @pytest.mark.parametrize("mode", ["truncate", "drop"])
-def test_overlong_rows_are_truncated_or_dropped(ray_local, tokenizer, demo_lengths, mode):
+def test_overlong_rows_are_truncated_or_dropped(ray_local, tokenizer, demo_lengths, mode, medical_o1_demo):
     max_length = sorted(demo_lengths)[DEMO_ROWS // 2]
     overlong = sum(length > max_length for length in demo_lengths)
-    data = build_datasets(_config(MEDICAL_O1_DEMO, f"data.max_length={max_length}", f"data.overlong={mode}"), tokenizer)
+    data = build_datasets(_config(medical_o1_demo, f"data.max_length={max_length}", f"data.overlong={mode}"), tokenizer)
     samples = _samples(data.train) + _samples(data.validation)
     assert all(len(ids) <= max_length and ids[-1] == EOS and ids.count(EOS) == 1 for ids in samples)
     if mode == "truncate":
