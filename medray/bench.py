@@ -263,13 +263,9 @@ def run_name(args: argparse.Namespace) -> str:
     return f"bench-{args.variant}-{args.lengths}-b{args.batch}x{args.grad_accum}-g{args.gpus}-{stamp}"
 
 
-def bench_overrides(args: argparse.Namespace, knobs: bool) -> list[str]:
-    """The medray config of a benchmark run, as `key=value` overrides of the defaults (the reference recipe).
-
-    Args:
-        args: The parsed command line.
-        knobs: Add the batching knobs as config options (the medray variant; bare/peft apply them themselves).
-    """
+def bench_overrides(args: argparse.Namespace) -> list[str]:
+    """The medray config of a benchmark run, as `key=value` overrides of the defaults (the reference recipe), with
+    the batching knobs as config options: every variant takes its SFT arguments from that config."""
     cuda = not args.cpu
     overrides = [
         f"model.name={args.model_dir}",
@@ -292,7 +288,7 @@ def bench_overrides(args: argparse.Namespace, knobs: bool) -> list[str]:
         f"run.name={args.run_name}",
         f"run.storage_path={args.storage}",
     ]
-    return overrides + (knob_overrides(args) if knobs else [])
+    return overrides + knob_overrides(args)
 
 
 def knob_overrides(args: argparse.Namespace) -> list[str]:
@@ -305,16 +301,6 @@ def knob_overrides(args: argparse.Namespace) -> list[str]:
     if args.pad_multiple:
         overrides.append(f"train.pad_to_multiple_of={args.pad_multiple}")
     return overrides
-
-
-def knob_sft_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The same knobs as SFTConfig values, for the bare and peft variants."""
-    kwargs: dict[str, Any] = {}
-    if args.padding != "auto":
-        kwargs["padding_free"] = args.padding == "padding_free"
-    if args.pad_multiple:
-        kwargs["pad_to_multiple_of"] = args.pad_multiple
-    return kwargs
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -346,7 +332,7 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     from medray.steptimer import make_step_timer
 
     cuda = not args.cpu
-    cfg = load_config(None, bench_overrides(args, knobs=False))
+    cfg = load_config(None, bench_overrides(args))
     backend = "unsloth" if args.variant == "bare" and cuda else "hf"
     started = time.perf_counter()
     model, tokenizer = load_model(cfg, backend, torch.device("cuda", 0) if cuda else None)
@@ -377,7 +363,7 @@ def _single_trainer(cfg: MedrayConfig, args, model, tokenizer, backend: str, tim
         "rank": 0,
         "tensorboard_dir": None,
     }
-    sft = SFTConfig(**{**_sft_arguments(cfg, plan, backend), **knob_sft_arguments(args)})
+    sft = SFTConfig(**_sft_arguments(cfg, plan, backend))
     rows = make_rows(rows_needed(args), args.lengths, args.seq_len, args.seed)
     if args.sort_lengths:
         rows = group_by_length(rows, args.batch * args.grad_accum)
@@ -452,7 +438,7 @@ def run_medray(args: argparse.Namespace) -> dict[str, Any]:
 
     from medray.driver import build_trainer
 
-    cfg = load_config(None, bench_overrides(args, knobs=True))
+    cfg = load_config(None, bench_overrides(args))
     started = time.perf_counter()
     started_ray = init_ray(args)
     ray_init_s = time.perf_counter() - started

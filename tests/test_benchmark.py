@@ -15,6 +15,7 @@ import pytest
 from medray import bench, bench_report
 from medray.config import MedrayConfig, TrainArgs, load_config
 from medray.steptimer import count_real_tokens, make_step_timer, step_table, summarize
+from medray.worker import _batch_layout
 
 
 def parse(argv: list[str]):
@@ -154,7 +155,7 @@ def test_step_timer_pairs_every_step_with_its_micro_batches(tmp_path):
 
 def test_gpu_run_config_is_the_reference_recipe_at_benchmark_size():
     args = parse(["--variant", "medray", "--gpus", "2", "--lengths", "real", "--batch", "8", "--steps", "20"])
-    cfg = load_config(None, bench.bench_overrides(args, knobs=False))
+    cfg = load_config(None, bench.bench_overrides(args))
     assert (cfg.model.name, cfg.model.backend, cfg.model.load_in_4bit, cfg.model.dtype) == (
         "/tmp/m7b", "unsloth", True, "bfloat16",
     )  # fmt: skip
@@ -170,7 +171,7 @@ def test_gpu_run_config_is_the_reference_recipe_at_benchmark_size():
 
 def test_cpu_run_config_and_profile_step():
     args = parse(["--cpu", "--variant", "bare", "--profile"])
-    cfg = load_config(None, bench.bench_overrides(args, knobs=False))
+    cfg = load_config(None, bench.bench_overrides(args))
     assert (cfg.model.backend, cfg.model.load_in_4bit, cfg.train.optim, cfg.train.precision) == (
         "hf", False, "adamw_torch", "fp32",
     )  # fmt: skip
@@ -181,15 +182,19 @@ def test_knobs_become_config_options_and_sft_values():
     args = parse(["--padding", "padded", "--sort-lengths", "--pad-multiple", "64", "--env", "A=1", "--env", "B=x=y"])
     assert bench.knob_overrides(args) == ["train.padding=padded", "train.length_grouping=true",
                                           "train.pad_to_multiple_of=64"]  # fmt: skip
-    assert bench.knob_sft_arguments(args) == {"padding_free": False, "pad_to_multiple_of": 64}
+    assert _batch_layout(load_config(None, bench.bench_overrides(args)).train) == {
+        "padding_free": False,
+        "pad_to_multiple_of": 64,
+    }
     assert bench.knobs(args)["env"] == {"A": "1", "B": "x=y"}
-    assert bench.knob_sft_arguments(parse([])) == {} and bench.knob_overrides(parse([])) == []
+    assert _batch_layout(load_config(None, bench.bench_overrides(parse([]))).train) == {}
+    assert bench.knob_overrides(parse([])) == []
 
 
 @pytest.mark.skipif("padding" not in TrainArgs.model_fields, reason="needs the train.padding config options")
 def test_knob_overrides_are_valid_config():
     args = parse(["--padding", "padding_free", "--sort-lengths", "--pad-multiple", "128"])
-    cfg = load_config(None, bench.bench_overrides(args, knobs=True))
+    cfg = load_config(None, bench.bench_overrides(args))
     assert isinstance(cfg, MedrayConfig)
     assert (cfg.train.padding, cfg.train.length_grouping, cfg.train.pad_to_multiple_of) == ("padding_free", True, 128)
 
