@@ -16,9 +16,7 @@ default special tokens (BOS for Mistral) + the text + exactly one EOS id, cut to
 or dropped, as `data.overlong` says. The validation split is picked by a seeded hash of each sample's text, so it is
 the same for a seed whatever the cluster size, block layout or row order.
 
-    prepared = build_datasets(cfg, tokenizer)
-    pad = pad_token_id_for(tokenizer)
-    batches = prepared.train.iter_torch_batches(batch_size=4, collate_fn=lambda batch: collate_batch(batch, pad))
+    prepared = build_datasets(cfg, tokenizer)   # prepared.train / prepared.validation rows: input_ids, length
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from medray.prompts import format_sample
 from medray.sources import resolve_data_path
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -437,45 +434,3 @@ def _subset(prepared: ray.data.Dataset, conditions: list[Any]) -> ray.data.Datas
     for condition in conditions:
         rows = rows.filter(expr=condition)
     return rows.select_columns(OUTPUT_COLUMNS).materialize()
-
-
-# --- batches for the trainer ---------------------------------------------------------------------------------------
-
-
-def pad_token_id_for(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id to pad with: the tokenizer's pad id, else its unk id (Mistral v0.3 has no pad token), else EOS.
-
-    Padding never reaches the loss (labels are -100 there), so any id the embedding knows will do.
-    """
-    for token_id in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise ValueError("the tokenizer has no pad, unk or EOS token to pad with")
-
-
-def collate_batch(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a Ray batch of `input_ids` on the right to its longest row, for causal-LM training.
-
-    Args:
-        batch: A numpy batch from the prepared datasets; `input_ids` holds one id array (or list) per row.
-        pad_token_id: The id written at pad positions (see `pad_token_id_for`).
-
-    Returns:
-        `input_ids`, `attention_mask` (1 on tokens, 0 on padding) and `labels` (the ids, -100 on padding), each a
-        `[rows, longest]` int64 tensor.
-    """
-    import torch
-
-    rows = [np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"]]
-    longest = max(len(ids) for ids in rows)
-    input_ids = np.full((len(rows), longest), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
-    for index, ids in enumerate(rows):
-        input_ids[index, : len(ids)] = ids
-        attention_mask[index, : len(ids)] = 1
-    labels = np.where(attention_mask == 1, input_ids, -100)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "labels": torch.from_numpy(labels),
-    }

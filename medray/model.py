@@ -75,8 +75,7 @@ def load_tokenizer(model_args: ModelArgs):
             "If the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1 or no network), point model.name "
             "(or model.tokenizer) at a local folder, or use the offline preset: --config cpu-demo"
         ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    _ensure_pad_token(tokenizer)
     if tokenizer.eos_token is None:
         raise RuntimeError(f"the tokenizer of {model_args.name!r} has no EOS token; medray appends EOS to every sample")
     return tokenizer
@@ -117,8 +116,7 @@ def _load_unsloth(cfg: MedrayConfig, device: torch.device | None):
         use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
         random_state=cfg.train.seed,
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    _ensure_pad_token(tokenizer)
     return model, tokenizer
 
 
@@ -174,13 +172,7 @@ def _load_hf(cfg: MedrayConfig, device: torch.device | None):
     return get_peft_model(model, lora), load_tokenizer(cfg.model)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights are counted as their unpacked size."""
-    trainable = total = 0
-    for parameter in model.parameters():
-        count = parameter.numel()
-        if parameter.__class__.__name__ == "Params4bit":
-            count *= 2
-        total += count
-        trainable += count if parameter.requires_grad else 0
-    return trainable, total
+def _ensure_pad_token(tokenizer) -> None:
+    """Mistral v0.3 has no pad token: pad with `<unk>` (never trained on: labels are -100 there), else EOS."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

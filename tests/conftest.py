@@ -61,6 +61,23 @@ def mistral_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def pad_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
+    """A plain HF data collator for tests: right-pad `input_ids` to the longest row; labels are -100 on padding."""
+    import torch
+
+    longest = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        attention_mask[i, : len(row["input_ids"])] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, -100),
+    }
+
+
 TINY_MISTRAL_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,

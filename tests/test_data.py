@@ -8,13 +8,12 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import build_mistral_tokenizer
 
 from medray.config import DEFAULT_TEMPLATE, load_config
-from medray.data import DataError, build_datasets, collate_batch, encode, pad_token_id_for
+from medray.data import DataError, build_datasets, encode
 from medray.prompts import format_sample
 
 BOS, EOS = 1, 2
@@ -271,36 +270,3 @@ def test_tokenizer_that_adds_eos_itself_still_gives_one_eos(tmp_path):
     tokenizer.add_eos_token = True
     [ids] = encode(tokenizer, ["Hello</s>"])
     assert ids[0] == BOS and ids[-1] == EOS and ids.count(EOS) == 1
-
-
-def test_collate_pads_right_and_masks_labels(demo, tokenizer):
-    pad = pad_token_id_for(tokenizer)
-    assert pad == tokenizer.unk_token_id == 0  # Mistral v0.3 has no pad token
-    batch = next(iter(demo.train.iter_batches(batch_size=3, batch_format="numpy")))
-    out = collate_batch(batch, pad)
-    lengths = [len(ids) for ids in batch["input_ids"]]
-    assert out["input_ids"].shape == (3, max(lengths))
-    for row, length in enumerate(lengths):
-        assert out["input_ids"][row, :length].tolist() == list(batch["input_ids"][row])
-        assert out["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
-        assert (
-            out["labels"][row, length:].eq(-100).all()
-            and out["labels"][row, :length].eq(out["input_ids"][row, :length]).all()
-        )
-        assert out["input_ids"][row, length:].eq(pad).all()
-
-
-def test_collate_masks_padding_even_when_pad_is_eos():
-    out = collate_batch({"input_ids": np.array([np.array([5, 2]), np.array([7, 8, 9, 2])], dtype=object)}, 2)
-    assert out["labels"].tolist() == [[5, 2, -100, -100], [7, 8, 9, 2]]
-    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-
-
-def test_pad_id_falls_back_to_unk_then_eos():
-    class Ids:
-        def __init__(self, pad, unk, eos):
-            self.pad_token_id, self.unk_token_id, self.eos_token_id = pad, unk, eos
-
-    assert pad_token_id_for(Ids(3, 0, 2)) == 3
-    assert pad_token_id_for(Ids(None, 0, 2)) == 0
-    assert pad_token_id_for(Ids(None, None, 2)) == 2

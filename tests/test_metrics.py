@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pad_rows
 
 from medray.metrics import (
     GAUGES,
@@ -32,21 +33,6 @@ def token_rows(count: int, vocab_size: int, seed: int = 0) -> list[dict]:
     return [
         {"input_ids": torch.randint(3, vocab_size, (8 + i % 9,), generator=generator).tolist()} for i in range(count)
     ]
-
-
-def collate(rows: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """`input_ids`, `attention_mask`, `labels` (-100 on padding), padded to the longest row, as medray's collator."""
-    longest = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-        attention_mask[i, : len(row["input_ids"])] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": input_ids.masked_fill(attention_mask == 0, -100),
-    }
 
 
 def train_tiny(model_dir: str | Path, output_dir: str | Path, callback, tensorboard_dir: str | Path | None = None):
@@ -82,7 +68,7 @@ def train_tiny(model_dir: str | Path, output_dir: str | Path, callback, tensorbo
         args=args,
         train_dataset=Dataset.from_list(rows[:40]),
         eval_dataset=Dataset.from_list(rows[40:]),
-        data_collator=collate,
+        data_collator=pad_rows,
         callbacks=callbacks,
     )
     trainer.train()

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import pad_rows
 
 from medray.config import MedrayConfig
 from medray.metrics import GIB, TrainingMetricsCallback, count_params_for_mfu, gpu_peak_flops
@@ -50,20 +51,6 @@ def rows(count: int, seed: int) -> list[dict]:
     return [{"input_ids": torch.randint(3, 32768, (int(n),), generator=generator).tolist()} for n in lengths]
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    longest = max(len(row["input_ids"]) for row in batch)
-    input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(batch):
-        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-        attention_mask[i, : len(row["input_ids"])] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": input_ids.masked_fill(attention_mask == 0, -100),
-    }
-
-
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory):
     from transformers import Trainer, TrainingArguments
@@ -93,7 +80,7 @@ def gpu_run(tmp_path_factory):
         args=args,
         train_dataset=rows(STEPS * 8, seed=0),
         eval_dataset=rows(16, seed=1),
-        data_collator=collate,
+        data_collator=pad_rows,
         callbacks=[callback],
     )
     output = trainer.train()
