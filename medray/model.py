@@ -120,6 +120,29 @@ def _load_unsloth(cfg: MedrayConfig, device: torch.device | None):
     return model, tokenizer
 
 
+def load_unsloth_for_inference(cfg: MedrayConfig, adapter_dir: str | None, device: torch.device):
+    """Base model (+ the adapter at `adapter_dir`) in Unsloth's fast inference mode, as the run trained it (CUDA).
+
+    Unsloth loads an adapter folder itself (it reads the base model from `adapter_config.json`).
+    """
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401  (must precede transformers / trl / peft)
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=adapter_dir or resolve_model_source(cfg.model.name),
+        max_seq_length=cfg.data.max_length,
+        dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg),
+        load_in_4bit=cfg.model.load_in_4bit,
+        device_map={"": device.index or 0},
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    FastLanguageModel.for_inference(model)
+    _ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
 def _install_unsloth_iterable_shim() -> None:
     """Unsloth 2026.10.9's generated SFTTrainer calls `_iterable_batch_size` without importing it."""
     import builtins

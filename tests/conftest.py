@@ -131,3 +131,35 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+def save_tiny_run(folder: Path, model_dir: Path, *overrides: str) -> Path:
+    """A finished-run folder without training: `summary.json` (the tiny-test config) and a LoRA adapter with random
+    non-zero weights as its best checkpoint, so the adapter changes the model's outputs."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medray.config import load_config
+
+    cfg = load_config("jobs/configs/tiny-test.yaml", [f"model.name={model_dir}", *overrides])
+    checkpoint = folder / "checkpoint_000001" / "checkpoint"
+    torch.manual_seed(1)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    model.save_pretrained(str(checkpoint))
+    summary = {"config": cfg.to_dict(), "best_checkpoint": str(checkpoint), "steps": 6, "metrics": {}}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
+    """A run folder of the tiny Mistral with a non-zero adapter (see `save_tiny_run`); do not modify it."""
+    return save_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_mistral_dir)
