@@ -244,29 +244,9 @@ def load_for_inference(run: RunArtifacts, *, with_adapter: bool = True, device: 
 
 
 def _load_hf(run: RunArtifacts, with_adapter: bool, device: torch.device):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from medray.model import load_base_model
 
-    from medray.model import compute_dtype
-    from medray.sources import resolve_model_source
-
-    cfg = run.config
-    kwargs: dict[str, Any] = dict(
-        dtype=compute_dtype(cfg) if device.type == "cuda" else torch.float32,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-        use_safetensors=True,
-    )
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
-        if cfg.model.load_in_4bit:  # as the run trained: NF4 base, LoRA on top
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=kwargs["dtype"],
-            )
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_source(cfg.model.name), **kwargs)
+    model = load_base_model(run.config, device)
     if device.type != "cuda":
         model = model.to(device)
     if not with_adapter:

@@ -156,29 +156,10 @@ def _install_unsloth_iterable_shim() -> None:
 
 def _load_hf(cfg: MedrayConfig, device: torch.device | None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(cfg.train.seed)
-    dtype = compute_dtype(cfg)
-    quantize = cfg.model.load_in_4bit and torch.cuda.is_available()
-    kwargs = dict(
-        dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-        use_safetensors=True,
-    )
-    if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    if device is not None and device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_source(cfg.model.name), **kwargs)
-    if quantize:
+    model = load_base_model(cfg, device)
+    if cfg.model.load_in_4bit and torch.cuda.is_available():  # QLoRA, as load_base_model quantized it
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -193,6 +174,31 @@ def _load_hf(cfg: MedrayConfig, device: torch.device | None):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), load_tokenizer(cfg.model)
+
+
+def load_base_model(cfg: MedrayConfig, device: torch.device | None = None):
+    """The base model with transformers, as the hf backend trains on it: 4-bit NF4 (bitsandbytes) when
+    `model.load_in_4bit` and CUDA is present, else in the compute dtype; on `device` when it is a GPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(cfg)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+        use_safetensors=True,
+    )
+    if cfg.model.load_in_4bit and torch.cuda.is_available():
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    return AutoModelForCausalLM.from_pretrained(resolve_model_source(cfg.model.name), **kwargs)
 
 
 def _ensure_pad_token(tokenizer) -> None:
