@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+ROW_ISOLATING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+"""transformers attention implementations that keep packed rows apart (from their position ids restarting at 0)."""
 MISTRAL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEFAULT_TEMPLATE = (
@@ -132,14 +134,17 @@ class TrainArgs(Section):
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
     padding: Literal["auto", "padding_free", "padded"] = "auto"
-    """Micro-batch layout: `padding_free` packs each micro-batch into one row (no pad tokens; on unsloth the decoder
-    layers then run eagerly), `padded` pads rows to the longest (on unsloth the decoder layers run compiled), `auto`
-    leaves the choice to Unsloth (padding-free on H100/H200) or TRL (padded)."""
+    """Micro-batch layout, collated by medray (`medray.batching`): `padding_free` concatenates each micro-batch's
+    rows into one sequence (position ids restart per row, attention stays inside each row, no pad tokens);
+    `padded` pads rows to the longest; `auto` is padding-free on unsloth and on hf with flash-attention, padded on
+    hf eager/sdpa (correct there too, but through a dense [N, N] mask that costs more than the padding it saves)."""
     length_grouping: bool = False
     """Sort the rows of each optimizer step by length before cutting them into micro-batches: every step keeps its
-    rows (same effective batch, same optimizer steps), padded micro-batches carry less padding."""
+    rows (same effective batch, same optimizer steps), padded micro-batches carry less padding. Not with
+    `padding=padding_free` (no padding to save)."""
     pad_to_multiple_of: int | None = Field(None, ge=1)
-    """Pad every micro-batch to a multiple of this many tokens, so fewer distinct shapes reach compiled kernels."""
+    """Pad every micro-batch to a multiple of this many tokens, so fewer distinct shapes reach compiled kernels
+    (padding-free: one trailing segment of pad tokens that attends only to itself)."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     """Gradient clipping norm."""
     seed: int = 3407
@@ -317,6 +322,24 @@ class MedrayConfig(Section):
         for field in ("{question}", "{cot}", "{response}"):
             if field not in self.data.template:
                 raise ValueError(f"data.template must contain the field {field}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_batch_layout(self) -> MedrayConfig:
+        """`train.padding` must take effect: refuse the combinations where it could not (see medray.batching)."""
+        train, model = self.train, self.model
+        if train.padding == "padding_free" and train.length_grouping:
+            raise ValueError(
+                "train.length_grouping=true only removes padding, and train.padding=padding_free has none: "
+                "drop one of them"
+            )
+        hf_workers = model.backend == "hf" or (model.backend == "auto" and not self.scaling.use_gpu)
+        if train.padding == "padding_free" and hf_workers and model.attn_implementation not in ROW_ISOLATING_ATTENTION:
+            raise ValueError(
+                f"train.padding=padding_free needs an attention implementation that keeps packed rows apart "
+                f"({', '.join(ROW_ISOLATING_ATTENTION)}); model.attn_implementation={model.attn_implementation!r} "
+                "is not known to: use train.padding=padded or one of those"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ optimizer step with medray.steptimer and return every rank's records), `profile_
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -21,8 +22,11 @@ import ray.train
 import ray.train.torch
 import torch
 
+from medray.batching import RowCollator, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
+
+logger = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -44,7 +48,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("validation") if plan["has_validation"] else None
 
-    # 4. Trainer. Batches are collated by the trainer's own collator (Unsloth's padding-free one on that backend).
+    # 4. Trainer. medray collates the batches itself (medray.batching): padding-free or padded, per train.padding.
     trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
     _add_metrics_callback(trainer, cfg, plan, rank, world_size, model)
     timer = _add_step_timer(trainer, cfg, plan, rank, device)
@@ -74,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "node_ids": node_ids,
         "train_data_passes": trainer.ray_streams.train_passes,
         "probe": _probe(trainer.model, plan.get("probe_input_ids")),
+        "batch_layout": trainer.batch_layout,
         "workers": workers,
     }
 
@@ -85,17 +90,29 @@ def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard
 
     if plan.get("tensorboard_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = plan["tensorboard_dir"]  # transformers 5 reads it from the env
-    args = SFTConfig(**_sft_arguments(cfg, plan, backend))
+    layout = resolve_layout(cfg.train.padding, backend, cfg.model.attn_implementation)
+    problem = layout_problem(layout, backend, cfg.model.attn_implementation)
+    if problem:
+        raise ValueError(problem)
+    args = SFTConfig(**{**_sft_arguments(cfg, plan, backend), **_unsloth_layout(layout, backend)})
     trainer = _streaming_trainer_class()(
         model=model,
         args=args,
         processing_class=tokenizer,
-        train_dataset=_as_hf_iterable(train_shard),
-        eval_dataset=_as_hf_iterable(eval_shard) if eval_shard is not None else None,
+        train_dataset=_as_hf_iterable(train_shard, cfg.data.max_length),
+        eval_dataset=_as_hf_iterable(eval_shard, cfg.data.max_length) if eval_shard is not None else None,
         callbacks=[RayTrainReportCallback()],
     )
-    collate = _trainer_collate(trainer.data_collator)
-    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train, collate, args.device)
+    if backend == "unsloth" and trainer.args.padding_free != (layout == "padding_free"):
+        # The batches stay medray's (packed_seq_lengths keeps rows apart); only Unsloth's own preparation differs.
+        logger.warning(
+            "Unsloth changed padding_free to %s; medray's batches stay %s (an Unsloth other than 2026.10.9?)",
+            trainer.args.padding_free,
+            layout,
+        )
+    collate = RowCollator(layout, tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, backend == "unsloth")
+    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train, _ray_collate(collate), args.device)
+    trainer.batch_layout = layout
     if eval_shard is not None and cfg.train.early_stopping_patience > 0:
         trainer.add_callback(
             EarlyStoppingCallback(
@@ -159,8 +176,9 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
 
 
 def _batch_layout(train: TrainArgs) -> dict[str, Any]:
-    """`train.padding` and `train.pad_to_multiple_of` as SFTConfig values; `auto` and None leave the choice to
-    Unsloth and TRL (an explicit `padding_free` overrides Unsloth's own pick)."""
+    """`train.padding` and `train.pad_to_multiple_of` as SFTConfig values, for a trainer that collates with its own
+    collator (the benchmark's bare and peft variants); `auto` and None leave the choice to Unsloth and TRL. The
+    worker collates with medray.batching instead and sets `padding_free` from its own layout (`_unsloth_layout`)."""
     layout: dict[str, Any] = {}
     if train.padding != "auto":
         layout["padding_free"] = train.padding == "padding_free"
@@ -169,15 +187,23 @@ def _batch_layout(train: TrainArgs) -> dict[str, Any]:
     return layout
 
 
-def _trainer_collate(collator):
-    """A Ray collate callable: a batch of rows (columns of numpy arrays) -> the trainer collator's tensors."""
+def _unsloth_layout(layout: str, backend: str) -> dict[str, Any]:
+    """The SFTConfig values the worker sets over `_batch_layout`'s: the trainer's collator is unused (medray
+    collates), but Unsloth reads `padding_free` to prepare the model for packed rows (varlen attention, rows longer
+    than max_length in one packed sequence), so it gets medray's layout and never picks its own. TRL itself gets
+    False on the hf backend: its padding-free mode would only refuse a set `max_length`."""
+    return {"padding_free": layout == "padding_free" and backend == "unsloth", "pad_to_multiple_of": None}
+
+
+def _ray_collate(collate):
+    """A Ray collate callable: a batch of rows (columns of numpy arrays) -> `collate`'s tensors."""
     from ray.data.collate_fn import NumpyBatchCollateFn
 
-    class TrainerCollate(NumpyBatchCollateFn):
+    class RayCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict) -> dict:
-            return collator([{"input_ids": ids.tolist()} for ids in batch["input_ids"]])
+            return collate(batch)
 
-    return TrainerCollate()
+    return RayCollate()
 
 
 class _RayStreams:
@@ -262,15 +288,23 @@ def _streaming_trainer_class():
     return StreamingSFTTrainer
 
 
-def _as_hf_iterable(shard):
+def _as_hf_iterable(shard, max_length: int):
     """A `datasets.IterableDataset` view of a Ray shard: what TRL's type checks expect. The batches the trainer
-    consumes come from `_RayStreams`, which reads the same shard."""
+    consumes come from `_RayStreams`, which reads the same shard.
+
+    The view carries Unsloth's claim that its rows are cut to `max_length` (`_unsloth_truncated_to`, read by
+    Unsloth 2026.10.9's SFTTrainer), which medray's data preparation guarantees; without it Unsloth turns
+    `padding_free` off for any pre-tokenized dataset ("Turning padding-free batching off, since your dataset is
+    already tokenized").
+    """
     import datasets
 
     def rows():
         yield from shard.iter_rows()
 
-    return datasets.IterableDataset.from_generator(rows)
+    view = datasets.IterableDataset.from_generator(rows)
+    view._unsloth_truncated_to = max_length
+    return view
 
 
 def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:

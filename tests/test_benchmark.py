@@ -193,10 +193,10 @@ def test_knobs_become_config_options_and_sft_values():
 
 @pytest.mark.skipif("padding" not in TrainArgs.model_fields, reason="needs the train.padding config options")
 def test_knob_overrides_are_valid_config():
-    args = parse(["--padding", "padding_free", "--sort-lengths", "--pad-multiple", "128"])
+    args = parse(["--padding", "padded", "--sort-lengths", "--pad-multiple", "128"])
     cfg = load_config(None, bench.bench_overrides(args))
     assert isinstance(cfg, MedrayConfig)
-    assert (cfg.train.padding, cfg.train.length_grouping, cfg.train.pad_to_multiple_of) == ("padding_free", True, 128)
+    assert (cfg.train.padding, cfg.train.length_grouping, cfg.train.pad_to_multiple_of) == ("padded", True, 128)
 
 
 def test_bad_combinations_are_refused():

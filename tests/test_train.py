@@ -38,6 +38,7 @@ def two_worker_run(ray_local, tiny_mistral_dir, tmp_path_factory):
         "train.num_epochs=1",
         "scaling.num_workers=2",
         "train.eval_steps=2",
+        "train.padding=padding_free",  # the resume test below keeps the default (padded on hf sdpa)
         "run.name=two-workers",
     )
     outcome = run_training(cfg)
@@ -55,6 +56,7 @@ def test_step_count_is_exact_for_two_workers(two_worker_run):
     # One model trained by both workers (DDP), not two models trained side by side.
     assert outcome.result.return_value["trainer_world_size"] == 2
     assert outcome.result.return_value["wrapped_model"] == "DistributedDataParallel"
+    assert outcome.result.return_value["batch_layout"] == "padding_free"
     # Each worker read its own half exactly once: a second sharding would have made it loop over its data.
     assert summary["train_data_passes"] == 1
 

@@ -8,5 +8,5 @@ source .gpu/device_env.sh "$BUNDLE" pinned || exit 1
 export PYTHONPATH="$PWD:$PYTHONPATH" MEDRAY_TOKENIZER_MODEL="$TOK"
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pytest -p no:cacheprovider -x -v tests/test_train_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" \
+python3 -m pytest -p no:cacheprovider -x -v tests/test_train_gpu.py tests/test_batching_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | cut -c1-400
