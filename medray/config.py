@@ -107,6 +107,8 @@ class TrainArgs(Section):
     """Micro-batch per worker."""
     gradient_accumulation_steps: int = Field(4, ge=1)
     """Micro-batches per optimizer step."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Rows per evaluation micro-batch per worker (forward only, so it can be larger); None: `per_device_batch_size`."""
     learning_rate: float = Field(2e-4, gt=0.0)
     """Peak learning rate."""
     optim: str = "adamw_8bit"

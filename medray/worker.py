@@ -134,7 +134,7 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
         output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan["run_id"] / f"rank{plan['rank']}"),
         max_steps=plan["max_steps"],
         per_device_train_batch_size=cfg.train.per_device_batch_size,
-        per_device_eval_batch_size=cfg.train.per_device_batch_size,
+        per_device_eval_batch_size=cfg.train.eval_batch_size or cfg.train.per_device_batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         learning_rate=cfg.train.learning_rate,
         optim=resolve_optimizer(cfg.train),
@@ -212,6 +212,7 @@ class _RayStreams:
     def __init__(self, train_shard, eval_shard, train: TrainArgs, collate, device: torch.device):
         self.train_shard, self.eval_shard = train_shard, eval_shard
         self.batch_size, self.collate = train.per_device_batch_size, collate
+        self.eval_batch_size = train.eval_batch_size or train.per_device_batch_size
         # Batches go to the worker's device here, as accelerate's prepared DataLoaders do: Unsloth gathers token
         # counts across ranks from the batch before the trainer moves it, and NCCL refuses CPU tensors.
         self.device = device
@@ -241,10 +242,8 @@ class _RayStreams:
     def eval_loader(self):
         # The validation shard is small and the same at every evaluation: read it from Ray once, then reuse it.
         if self._eval_batches is None:
-            self._eval_batches = list(
-                _to_device(batch, self.device)
-                for batch in self.eval_shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=self.collate)
-            )
+            batches = self.eval_shard.iter_torch_batches(batch_size=self.eval_batch_size, collate_fn=self.collate)
+            self._eval_batches = [_to_device(batch, self.device) for batch in batches]
         return torch.utils.data.DataLoader(_IterableOf(lambda: iter(self._eval_batches)), batch_size=None)
 
 

@@ -115,3 +115,32 @@ def test_no_token_attends_across_a_row_boundary(tiny_model, mistral_tokenizer_di
     assert (perturbed[n1 + 1 : n1 + n2] - logits[n1 + 1 : n1 + n2]).abs().max() > 0.1  # row 2 itself did change
     alone = forward(tiny_model, {"input_ids": torch.from_numpy(third)[None]}).logits[0]
     torch.testing.assert_close(logits[n1 + n2 :], alone, rtol=0, atol=1e-5)  # row 3 as if it ran on its own
+
+
+# ---------------------------------------------------------------------------------------------------- the worker
+
+
+def test_the_workers_ray_loaders_feed_padding_free_batches(ray_local):
+    """Train: each optimizer step's 4 rows as 2 micro-batches of 2 rows; evaluation: `train.eval_batch_size` rows."""
+    import ray.data
+
+    from medray.worker import _ray_collate, _RayStreams
+
+    rows = [{"input_ids": list(range(1, 2 + n)), "length": 1 + n} for n in range(10)]
+    train = load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=2",
+                               "train.eval_batch_size=5"]).train  # fmt: skip
+    shard = ray.data.from_items(rows).iterator()
+    collate = _ray_collate(RowCollator("padding_free", pad_token_id=0))
+    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"))
+    first = [row_lengths(batch) for _, batch in zip(range(4), streams.train_loader(), strict=False)]
+    assert [len(lengths) for lengths in first] == [2, 2, 2, 2]
+    assert len({n for lengths in first for n in lengths}) == 8  # 8 different rows: two steps, nothing repeated
+    evaluation = [row_lengths(batch) for batch in streams.eval_loader()]
+    assert [len(lengths) for lengths in evaluation] == [5, 5]
+    assert sorted(n for lengths in evaluation for n in lengths) == [row["length"] for row in rows]
+
+
+def row_lengths(batch) -> list[int]:
+    """The rows of a padding-free batch, from where its position ids restart."""
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+    return [end - start for start, end in zip(starts, starts[1:], strict=False)]
