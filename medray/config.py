@@ -1,7 +1,9 @@
 """medray's configuration: one typed tree of defaults, loaded from YAML presets and `key.sub=value` overrides.
 
 The defaults are the reference recipe (Mistral-7B v0.3 4-bit, LoRA r=16, medical-o1 `en`, batch 4 x grad-accum 4,
-lr 2e-4, AdamW 8-bit, max length 2048, eval every 200 steps, early stopping patience 3, 10 % validation split).
+lr 2e-4, AdamW 8-bit, max length 2048, eval every 200 steps, early stopping patience 3, 10 % validation split),
+except that the loss covers the completion only (`train.loss_on`; the recipe trained every token, which the
+`mistral7b-medical-o1` preset keeps with `loss_on: all`).
 A preset holds overrides only. Every problem in a config is collected and raised once, as a `ConfigError`,
 before any Ray worker starts. Plain dicts (`to_dict`) cross the Ray boundary; workers rebuild the typed config.
 
@@ -72,6 +74,57 @@ class LoraArgs(Section):
     """Which biases are trained."""
 
 
+class ColumnArgs(Section):
+    """Which columns of a row hold what. Question/answer rows use `question`, `reasoning` and `answer`; chat rows
+    (`messages`, `sharegpt`) use `messages`."""
+
+    question: str = "Question"
+    """Column holding the question."""
+    reasoning: str | None = "Complex_CoT"
+    """Column holding the reasoning (put inside <think>...</think>); null for data without reasoning."""
+    answer: str = "Response"
+    """Column holding the final answer."""
+    messages: str | None = None
+    """Column holding the turns of chat rows; default `messages` (OpenAI style) or `conversations` (ShareGPT)."""
+
+
+class SourceArgs(Section):
+    """One dataset of a `data.sources` mix: local files or a hub dataset, its row format, columns and share."""
+
+    path: str | None = None
+    """Local JSON / JSONL / Parquet file or folder (`pkg:sample_data/NAME` for a file shipped in medray)."""
+    hub_id: str | None = None
+    """Hugging Face dataset id, when `path` is not set."""
+    hub_config: str | None = None
+    """Dataset config (subset) on the hub."""
+    hub_split: str = "train"
+    """Dataset split on the hub."""
+    row_format: Literal["auto", "qa", "messages", "sharegpt"] = "auto"
+    """`qa` (question / reasoning / answer columns), `messages` (OpenAI-style turns: system, user, assistant),
+    `sharegpt` (`conversations` of from/value turns: system, human, gpt), or `auto`: detected from the first row."""
+    columns: ColumnArgs = Field(default_factory=ColumnArgs)
+    """Column names of this source."""
+    weight: float = Field(1.0, gt=0.0)
+    """Share of this source's training rows used: 0.5 takes a seeded half, 2 takes every row twice."""
+    max_rows: int | None = Field(None, ge=1)
+    """Read only the first N rows of this source."""
+    name: str | None = None
+    """Label in summary.json and the report; default the file, folder or hub id."""
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SourceArgs:
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("a source needs exactly one of path or hub_id")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The source's name in messages, summary.json and the report."""
+        if self.name:
+            return self.name
+        return Path(self.path).name if self.path else str(self.hub_id)
+
+
 class DataArgs(Section):
     path: str | None = None
     """Local JSON / JSONL / Parquet file or folder. When set it is used instead of the hub.
@@ -82,12 +135,17 @@ class DataArgs(Section):
     """Dataset config (subset) on the hub."""
     hub_split: str = "train"
     """Dataset split on the hub."""
-    question_column: str = "Question"
-    """Column holding the question."""
-    cot_column: str = "Complex_CoT"
-    """Column holding the reasoning (put inside <think>...</think>)."""
-    response_column: str = "Response"
-    """Column holding the final answer."""
+    row_format: Literal["auto", "qa", "messages", "sharegpt"] = "auto"
+    """Row format of `path` / `hub_id`: `qa`, `messages`, `sharegpt` or `auto` (see `data.sources`)."""
+    columns: ColumnArgs = Field(default_factory=ColumnArgs)
+    """Column names of `path` / `hub_id` (`question`, `reasoning`, `answer`, `messages`)."""
+    sources: list[SourceArgs] = Field(default_factory=list)
+    """Several datasets mixed in one run, each `{path or hub_id, row_format, columns, weight, max_rows, name}`;
+    when set, `path`, `hub_*`, `row_format`, `columns` and `max_rows` above are not used. Each source is split
+    into train and validation on its own, so every source has validation rows."""
+    format: Literal["template", "chat"] = "template"
+    """How a row becomes text: `template` fills `data.template`; `chat` renders the turns with the tokenizer's own
+    chat template (user = question, assistant = `<think>` reasoning `</think>` answer). Generation uses the same."""
     template: str = DEFAULT_TEMPLATE
     """Prompt template with the fields {question}, {cot} and {response}; the tokenizer's EOS is appended."""
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -99,7 +157,46 @@ class DataArgs(Section):
     max_rows: int | None = Field(None, ge=1)
     """Use only the first N rows (for smoke tests)."""
     seed: int = 3407
-    """Seed of the train/validation split."""
+    """Seed of the train/validation split and of the source mix."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_column_keys(cls, values: Any) -> Any:
+        """`question_column`, `cot_column` and `response_column` (before `data.columns`) still work."""
+        if isinstance(values, dict) and any(key in values for key in _OLD_COLUMN_KEYS):
+            values = dict(values)
+            columns = dict(values.get("columns") or {})
+            for old, new in _OLD_COLUMN_KEYS.items():
+                if old in values:
+                    columns[new] = values.pop(old)
+            values["columns"] = columns
+        return values
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataArgs:
+        if self.sources and self.path is not None:
+            raise ValueError("set data.path or data.sources, not both (put the path in a source)")
+        formats: dict[str, set[str]] = {}
+        for source in self.sources:
+            if source.path is not None:
+                formats.setdefault(source.path, set()).add(source.row_format)
+        clashes = [path for path, found in formats.items() if len(found - {"auto"}) > 1]
+        if clashes:
+            raise ValueError(f"sources reading {clashes[0]} give it different row formats; keep one per folder")
+        return self
+
+    def resolved_sources(self) -> list[SourceArgs]:
+        """The sources of the run: `sources`, or the one source that `path` / `hub_*` / `columns` describe."""
+        if self.sources:
+            return list(self.sources)
+        if self.path is not None:
+            place: dict[str, Any] = {"path": self.path}
+        else:
+            place = {"hub_id": self.hub_id, "hub_config": self.hub_config, "hub_split": self.hub_split}
+        return [SourceArgs(**place, row_format=self.row_format, columns=self.columns, max_rows=self.max_rows)]
+
+
+_OLD_COLUMN_KEYS = {"question_column": "question", "cot_column": "reasoning", "response_column": "answer"}
 
 
 class TrainArgs(Section):
@@ -135,6 +232,9 @@ class TrainArgs(Section):
     """Mixed precision: `auto` is bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """Tokens the loss covers: `completion` (reasoning, answer and EOS; for chat rows every assistant turn) or `all`
+    (every token, preamble and question too, as the reference recipe does)."""
     padding: Literal["auto", "padding_free", "padded"] = "auto"
     """Micro-batch layout, collated by medray (`medray.batching`): `padding_free` concatenates each micro-batch's
     rows into one sequence (position ids restart per row, attention stays inside each row, no pad tokens);
@@ -324,6 +424,10 @@ class MedrayConfig(Section):
         for field in ("{question}", "{cot}", "{response}"):
             if field not in self.data.template:
                 raise ValueError(f"data.template must contain the field {field}")
+        if self.data.format == "template":
+            chat_rows = [s.label for s in self.data.resolved_sources() if s.row_format in ("messages", "sharegpt")]
+            if chat_rows:
+                raise ValueError(f"source {chat_rows[0]} holds chat rows, which need data.format=chat")
         return self
 
     @model_validator(mode="after")

@@ -86,6 +86,13 @@ def _overview(summary: dict, history: list[dict], run_dir: Path) -> str:
     data = summary.get("data") or {}
     if "rows_train" in data:
         lines.append(f"Rows: {data['rows_train']} training, {data.get('rows_validation', 0)} validation")
+    for source in data.get("sources") or []:
+        lines.append(
+            f"Source {source['name']} ({source['row_format']} rows, weight {source['weight']:g}): "
+            f"{source['rows_read']} read, {source['rows_train']} training, {source['rows_validation']} validation"
+        )
+    if data.get("rows_dropped_cut_in_prompt"):
+        lines.append(f"Dropped (cut before the answer by data.max_length): {data['rows_dropped_cut_in_prompt']} rows")
     if summary.get("best_checkpoint"):
         lines.append(f"Best checkpoint: `{summary['best_checkpoint']}`")
     return "  \n".join(lines)

@@ -19,6 +19,9 @@ def test_defaults_are_the_reference_recipe():
     assert cfg.train.learning_rate == 2e-4 and cfg.train.optim == "adamw_8bit"
     assert cfg.data.max_length == 2048 and cfg.data.validation_fraction == 0.1
     assert cfg.train.eval_steps == 200 and cfg.train.early_stopping_patience == 3
+    # One departure: the loss covers the completion; the reference preset trains every token, as the recipe did.
+    assert cfg.train.loss_on == "completion"
+    assert load_config(PRESETS_DIR / "mistral7b-medical-o1.yaml").train.loss_on == "all"
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -67,3 +70,33 @@ def test_missing_preset_names_the_known_ones(tmp_path):
 def test_round_trip_through_plain_dict():
     cfg = load_config(None, ["lora.r=8", "run.name=x"])
     assert MedrayConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_old_column_keys_still_name_the_columns():
+    cfg = load_config(None, ["data.question_column=q", "data.cot_column=why", "data.response_column=a"])
+    assert (cfg.data.columns.question, cfg.data.columns.reasoning, cfg.data.columns.answer) == ("q", "why", "a")
+    [source] = cfg.data.resolved_sources()
+    assert source.columns == cfg.data.columns and source.hub_id == cfg.data.hub_id
+
+
+def test_sources_name_every_problem():
+    sources = [
+        {"path": "a.jsonl", "weight": 0},
+        {"path": "b", "row_format": "messages"},
+        {"path": "b", "row_format": "qa"},
+        {"hub_id": "x", "path": "y"},
+    ]
+    with pytest.raises(ConfigError) as caught:
+        MedrayConfig.from_dict({"data": {"sources": sources, "format": "chat"}})
+    message = str(caught.value)
+    assert "data.sources.0.weight: Input should be greater than 0 (got 0)" in message
+    assert "exactly one of path or hub_id" in message
+    with pytest.raises(ConfigError, match="sources reading b give it different row formats"):
+        MedrayConfig.from_dict({"data": {"sources": sources[1:3], "format": "chat"}})
+    with pytest.raises(ConfigError, match="data.path or data.sources, not both"):
+        MedrayConfig.from_dict({"data": {"sources": sources[1:2], "path": "z", "format": "chat"}})
+
+
+def test_chat_rows_need_the_chat_format():
+    with pytest.raises(ConfigError, match="source b holds chat rows, which need data.format=chat"):
+        MedrayConfig.from_dict({"data": {"sources": [{"path": "b", "row_format": "messages"}]}})

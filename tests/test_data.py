@@ -13,8 +13,9 @@ import pytest
 from conftest import build_mistral_tokenizer
 
 from medray.config import DEFAULT_TEMPLATE, load_config
-from medray.data import DataError, build_datasets, encode
+from medray.data import DataError, build_datasets
 from medray.prompts import format_sample
+from medray.samples import encode_with_labels
 
 BOS, EOS = 1, 2
 DEMO_ROWS = 198
@@ -148,10 +149,10 @@ def test_custom_columns_and_extra_columns(ray_local, tokenizer, tmp_path):
         for i in range(12)
     ]
     path = _write_jsonl(tmp_path / "custom.jsonl", rows)
-    overrides = ["data.question_column=q", "data.cot_column=why", "data.response_column=a"]
+    overrides = ["data.columns.question=q", "data.columns.reasoning=why", "data.columns.answer=a"]
     data = build_datasets(_config(path, *overrides), tokenizer)
     assert data.stats["rows_read"] == 12
-    assert data.train.columns() == ["input_ids", "length"]
+    assert data.train.columns() == ["input_ids", "labels", "length"]
     text = tokenizer.decode(data.train.take(1)[0]["input_ids"], skip_special_tokens=True)
     assert "Question" in text and "<think>\nReasoning" in text and "</think>\nAnswer" in text
 
@@ -235,7 +236,7 @@ def test_parquet_bad_row_is_found_by_ray_and_located(ray_local, tokenizer, tmp_p
 def test_parquet_missing_column_is_found_from_the_footer(tokenizer, tmp_path):
     path = tmp_path / "short.parquet"
     pd.DataFrame(_rows(3)).drop(columns=["Response"]).to_parquet(path)
-    with pytest.raises(DataError, match=r"short.parquet has no column\(s\) \['Response'\].*data.response_column"):
+    with pytest.raises(DataError, match=r"short.parquet has no column\(s\) \['Response'\].*data.columns"):
         build_datasets(_config(path), tokenizer)
 
 
@@ -262,11 +263,13 @@ def test_eos_that_the_tokenizer_splits_is_appended_as_an_id():
             encode_one = lambda text: [1] * add_special_tokens + [ord(char) for char in text]  # noqa: E731
             return {"input_ids": encode_one(texts) if isinstance(texts, str) else [encode_one(t) for t in texts]}
 
-    assert encode(CharTokenizer(), ["ab</s>"]) == [[1, ord("a"), ord("b"), 2]]
+    ids = [1, ord("a"), ord("b"), 2]
+    assert encode_with_labels(CharTokenizer(), ["ab</s>"], [[(0, 2)]], True, "all") == [(ids, ids)]
 
 
 def test_tokenizer_that_adds_eos_itself_still_gives_one_eos(tmp_path):
     tokenizer = build_mistral_tokenizer(tmp_path / "tok")
     tokenizer.add_eos_token = True
-    [ids] = encode(tokenizer, ["Hello</s>"])
+    [(ids, labels)] = encode_with_labels(tokenizer, ["Hi Hello</s>"], [[(2, 12)]], True, "completion")
+    assert labels == [-100, -100, *ids[2:]]
     assert ids[0] == BOS and ids[-1] == EOS and ids.count(EOS) == 1
