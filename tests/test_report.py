@@ -143,7 +143,10 @@ def test_configuration_table_flattens_every_key(tmp_path):
     markdown = write_report(make_run(tmp_path / "run", synthetic_history())).read_text()
     rows = dict(read_table(markdown, "Configuration"))
     config = MedrayConfig().to_dict()
-    leaves = [f"{section}.{key}" for section, values in config.items() for key in values if key != "space"]
+    leaves = [
+        f"{section}.{key}" for section, values in config.items() for key in values if key not in ("space", "columns")
+    ]
+    leaves += [f"data.columns.{key}" for key in config["data"]["columns"]]
     space = [f"tune.space.{key}.{sampler}" for key, spec in config["tune"]["space"].items() for sampler in spec]
     assert set(rows) == set(leaves) | set(space)
     assert rows["run.name"] == "report-test" and rows["scaling.num_workers"] == "2"

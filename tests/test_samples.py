@@ -163,20 +163,17 @@ def test_custom_columns_without_reasoning(tokenizer):
 # --- the worker's collator keeps the mask --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_worker_collator_keeps_the_labels(tokenizer, padding_free):
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from medray.worker import _trainer_collate
+@pytest.mark.parametrize("layout", ["padded", "padding_free"])
+def test_worker_collator_keeps_the_labels(tokenizer, layout):
+    from medray.batching import RowCollator
 
     samples = _prepare([ROW, {**ROW, "Response": "Rest and fluids, then review."}], tokenizer)
     batch = {
         "input_ids": np.array([np.array(s["input_ids"]) for s in samples], dtype=object),
         "labels": np.array([np.array(s["labels"]) for s in samples], dtype=object),
     }
-    collate = _trainer_collate(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free))
-    labels = collate(batch)["labels"].tolist()
-    if padding_free:  # one packed row; each sample's first label is -100 anyway
+    labels = RowCollator(layout, pad_token_id=0)(batch)["labels"].tolist()
+    if layout == "padding_free":  # one packed row; each sample's first label is -100 anyway
         assert labels == [samples[0]["labels"] + samples[1]["labels"]]
     else:
         longest = max(len(s["labels"]) for s in samples)
