@@ -1,4 +1,4 @@
-"""Entry point for the throughput benchmark (also for `ray job submit`); the logic is in `medray.bench`.
+"""Entry point for the throughput benchmark (also for `ray job submit`); the logic is in `benchmarks.bench`.
 
     python jobs/benchmark.py --build --model-dir /tmp/m7b --tokenizer TOKENIZER.model
     python jobs/benchmark.py --variant medray --gpus 2 --lengths full --batch 4 --json docs/benchmarks.json
@@ -12,9 +12,9 @@ BUNDLE` (real-length rows). CPU dry run: `python jobs/benchmark.py --cpu --build
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when medray is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: benchmarks/, medray if not installed
 
-from medray.bench import main  # noqa: E402
+from benchmarks.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """The `medray` command: `medray train|tune|report ...`. `jobs/*.py` call the same functions for `ray job submit`.
 
-medray train                                   # the offline CPU demo preset (jobs/configs/cpu-demo.yaml)
+medray train                                   # the offline CPU demo preset (medray/presets/cpu-demo.yaml)
 medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu=true
 medray report ~/medray_results/medray-demo
 """
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from medray.config import ConfigError, MedrayConfig, load_config
+from medray.contracts import RunSummary
+from medray.presets import resolve_preset
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 DEFAULT_PRESET = "cpu-demo"
 
 
@@ -22,26 +23,12 @@ class UserError(Exception):
     """Bad input from the person running medray: printed without a traceback."""
 
 
-def resolve_preset(name_or_path: str) -> Path:
-    """A preset path, or a preset name from `jobs/configs/` (with or without `.yaml`)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    candidate = PRESETS_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) or "none found"
-    raise ConfigError([f"--config {name_or_path}: no such file or preset; presets in {PRESETS_DIR}: {known}"])
-
-
 def config_from_args(args: argparse.Namespace) -> MedrayConfig:
     return load_config(resolve_preset(args.config), args.overrides)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=DEFAULT_PRESET, help=f"preset in jobs/configs/ or a YAML path (default {DEFAULT_PRESET})"
-    )
+    parser.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML path (default {DEFAULT_PRESET})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.max_steps=20")
 
 
@@ -58,11 +45,12 @@ def tune_command(args: argparse.Namespace) -> int:
     from medray.search import run_search
 
     outcome = run_search(config_from_args(args))
-    best = outcome.summary["best_trial"]
+    summary = outcome.summary
+    best = summary.best_trial
     if best:
         print(
-            f"best trial {best['trial']} | {outcome.summary['metric']} {best['best']:.4f} | {best['params']} | "
-            f"adapter {outcome.summary['best_checkpoint']} | preset {outcome.summary['best_config']}",
+            f"best trial {best['trial']} | {summary.metric} {best['best']:.4f} | {best['params']} | "
+            f"adapter {summary.best_checkpoint} | preset {summary.best_config}",
             flush=True,
         )
     print(f"summary: {outcome.summary_path}", flush=True)
@@ -79,11 +67,11 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_outcome(summary: dict) -> None:
-    best = summary["metrics"]["best"]
+def _print_outcome(summary: RunSummary) -> None:
+    best = summary.metrics["best"]
     print(
-        f"steps {summary['steps']} | best eval_loss {best.get('eval_loss', 'n/a')} | "
-        f"best checkpoint {summary['best_checkpoint']} | report {summary.get('report')}",
+        f"steps {summary.steps} | best eval_loss {best.get('eval_loss', 'n/a')} | "
+        f"best checkpoint {summary.best_checkpoint} | report {summary.report}",
         flush=True,
     )
 

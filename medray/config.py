@@ -7,7 +7,7 @@ except that the loss covers the completion only (`train.loss_on`; the recipe tra
 A preset holds overrides only. Every problem in a config is collected and raised once, as a `ConfigError`,
 before any Ray worker starts. Plain dicts (`to_dict`) cross the Ray boundary; workers rebuild the typed config.
 
-    cfg = load_config("jobs/configs/cpu-smollm2.yaml", ["train.max_steps=20", "scaling.num_workers=2"])
+    cfg = load_config("cpu-demo", ["train.max_steps=20", "scaling.num_workers=2"])   # a preset name or a YAML path
 """
 
 from __future__ import annotations
@@ -519,10 +519,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a preset; a missing file or a non-mapping is a ConfigError."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist; presets live in jobs/configs/"])
+    """Read a YAML file, or the preset of that name (medray/presets/); neither, or a non-mapping, is a ConfigError."""
+    from medray.presets import resolve_preset
+
+    path = resolve_preset(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -533,6 +533,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MedrayConfig:
-    """Defaults, then the preset at `path` (if any), then the overrides; validated as a whole."""
+    """Defaults, then the preset at `path` (a YAML path or a preset name), then the overrides; validated as a whole."""
     values = read_yaml(path) if path else {}
     return MedrayConfig.from_dict(apply_overrides(values, overrides or []))

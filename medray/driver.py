@@ -4,14 +4,13 @@ Everything that can fail on bad input (config, tokenizer, data) is checked here 
 (and any GPU) is reserved. The driver holds no data and no model: the datasets live in Ray's object store and the
 workers stream their shards.
 
-    outcome = run_training(load_config("jobs/configs/cpu-demo.yaml"))
+    outcome = run_training(load_config("cpu-demo"))
     print(outcome.summary_path)
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,12 +22,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from medray.config import MedrayConfig
+from medray.contracts import RunSummary, WorkerPlan, WorkerResult
+from medray.report import write_report_or_warn
+from medray.sources import is_uri
 from medray.worker import train_loop_per_worker
-
-logger = logging.getLogger(__name__)
-
-# The trained model's answer to this prompt is recorded; the saved adapter must reproduce it (see summary "probe").
-PROBE_TEXT = "### Question:\nA 58-year-old man has crushing chest pain and ST elevation in II, III and aVF."
 
 
 @dataclass
@@ -37,13 +34,14 @@ class TrainOutcome:
 
     run_dir: str
     summary_path: str
-    summary: dict[str, Any]
+    summary: RunSummary
     result: Any
+    """Ray Train's `Result`; its `return_value` is rank 0's `WorkerResult`."""
 
 
 def storage_path(cfg: MedrayConfig) -> str:
     """`run.storage_path` as Ray wants it: an absolute local path or a URI."""
-    if "://" in cfg.run.storage_path:
+    if is_uri(cfg.run.storage_path):
         return cfg.run.storage_path
     return str(Path(cfg.run.storage_path).expanduser().resolve())
 
@@ -76,23 +74,34 @@ def prepare_data(cfg: MedrayConfig):
     # Job logs are read by people: keep Ray Data's per-operator progress logging out of them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     tokenizer = load_tokenizer(cfg.model)
-    data = build_datasets(cfg, tokenizer)
-    data.probe_input_ids = tokenizer(PROBE_TEXT)["input_ids"]
-    return data
+    return build_datasets(cfg, tokenizer)
 
 
-def build_trainer(cfg: MedrayConfig, data, *, trial: str | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for `cfg`, fed by `data` (a `medray.data.PreparedData`)."""
+def build_trainer(
+    cfg: MedrayConfig,
+    data,
+    *,
+    trial: str | None = None,
+    callbacks: list | None = None,
+    extensions: list[str] | None = None,
+    extension_options: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for `cfg`, fed by `data` (a `medray.data.PreparedData`).
+
+    `extensions` and `extension_options` go to the workers in the `WorkerPlan` (see `medray.worker.WorkerContext`):
+    the benchmark and the tests attach their step timer and fingerprint this way.
+    """
     run_dir = Path(storage_path(cfg)) / cfg.run.name
     has_validation = data.validation is not None
-    plan = {
-        "max_steps": planned_steps(cfg, data.stats["rows_train"]),
-        "has_validation": has_validation,
-        "run_id": f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
-        "trial": trial,
-        "tensorboard_dir": None if "://" in str(run_dir) else str(run_dir / "tensorboard"),
-        "probe_input_ids": getattr(data, "probe_input_ids", None),
-    }
+    plan = WorkerPlan(
+        run_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
+        max_steps=planned_steps(cfg, data.stats["rows_train"]),
+        has_validation=has_validation,
+        trial=trial,
+        tensorboard_dir=None if is_uri(str(run_dir)) else str(run_dir / "tensorboard"),
+        extensions=list(extensions or []),
+        extension_options=dict(extension_options or {}),
+    )
     datasets = {"train": data.train}
     if has_validation:
         datasets["validation"] = data.validation
@@ -116,20 +125,29 @@ def build_trainer(cfg: MedrayConfig, data, *, trial: str | None = None, callback
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"medray": cfg.to_dict(), "plan": plan},
+        train_loop_config={"medray": cfg.to_dict(), "plan": plan.to_dict()},
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
     )
 
 
-def run_training(cfg: MedrayConfig, *, trial: str | None = None, callbacks: list | None = None) -> TrainOutcome:
+def run_training(
+    cfg: MedrayConfig,
+    *,
+    trial: str | None = None,
+    callbacks: list | None = None,
+    extensions: list[str] | None = None,
+    extension_options: dict[str, Any] | None = None,
+) -> TrainOutcome:
     """Validate inputs, train under Ray Train, write `summary.json`, `history.json` and the report."""
     started = time.time()
     if not ray.is_initialized():
         ray.init()
     data = prepare_data(cfg)
-    trainer = build_trainer(cfg, data, trial=trial, callbacks=callbacks)
+    trainer = build_trainer(
+        cfg, data, trial=trial, callbacks=callbacks, extensions=extensions, extension_options=extension_options
+    )
     result = trainer.fit()
     outcome = write_outcome(cfg, data.stats, result, wall_time_s=time.time() - started)
     return outcome
@@ -137,32 +155,30 @@ def run_training(cfg: MedrayConfig, *, trial: str | None = None, callbacks: list
 
 def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: float) -> TrainOutcome:
     """Write `history.json`, `summary.json` and the report into the run folder."""
-    returned = result.return_value or {}
-    history = returned.get("log_history", [])
+    returned: WorkerResult = result.return_value or WorkerResult()
+    history = returned.log_history
     run_dir = Path(result.path)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    summary = {
-        "config": cfg.to_dict(),
-        "data": data_stats,
-        "metrics": {"final": _final_metrics(history), "best": _best_metrics(result)},
-        "best_checkpoint": _best_checkpoint_path(result),
-        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "steps": returned.get("global_step"),
-        "best_step": returned.get("best_step"),
-        "resumed_from_step": returned.get("resumed_from_step"),
-        "backend": returned.get("backend"),
-        "world_size": returned.get("world_size"),
-        "node_ids": returned.get("node_ids"),
-        "train_runtime_s": returned.get("train_runtime_s"),
-        "train_data_passes": returned.get("train_data_passes"),
-        "probe": returned.get("probe"),
-        "wall_time_s": round(wall_time_s, 2),
-    }
+    summary = RunSummary(
+        config=cfg.to_dict(),
+        data=data_stats,
+        metrics={"final": _final_metrics(history), "best": _best_metrics(result)},
+        best_checkpoint=_best_checkpoint_path(result),
+        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        steps=returned.global_step,
+        best_step=returned.best_step,
+        resumed_from_step=returned.resumed_from_step,
+        backend=returned.backend,
+        world_size=returned.world_size,
+        node_ids=returned.node_ids,
+        train_runtime_s=returned.train_runtime_s,
+        wall_time_s=round(wall_time_s, 2),
+    )
     summary_path = run_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
-    summary["report"] = _write_report(run_dir)
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary.to_json(summary_path)
+    summary.report = write_report_or_warn(run_dir)
+    summary.to_json(summary_path)
     return TrainOutcome(run_dir=str(run_dir), summary_path=str(summary_path), summary=summary, result=result)
 
 
@@ -188,13 +204,3 @@ def _best_checkpoint(result):
 def _best_checkpoint_path(result) -> str | None:
     best = _best_checkpoint(result)
     return f"{best[0].path}/checkpoint" if best else None
-
-
-def _write_report(run_dir: Path) -> str | None:
-    from medray.report import write_report
-
-    try:
-        return str(write_report(run_dir))
-    except Exception as error:  # the summary is already on disk; a broken plot must not lose it
-        logger.warning("could not write the report for %s: %s", run_dir, error)
-        return None

@@ -17,8 +17,13 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+from medray.contracts import RunSummary, SearchSummary, read_summary
+
+logger = logging.getLogger(__name__)
 
 TRAIN_COLOR = "#1f77b4"
 VALIDATION_COLOR = "#ff7f0e"
@@ -41,26 +46,40 @@ def write_report(run_dir: str | Path) -> Path:
         FileNotFoundError: The folder holds none of `summary.json`, `history.json`, `leaderboard.csv`.
     """
     run_dir = Path(run_dir).expanduser()
-    summary = _read_json(run_dir / "summary.json", default={})
+    summary_file = run_dir / "summary.json"
+    summary = read_summary(summary_file) if summary_file.is_file() else None
     history = _read_json(run_dir / "history.json", default=[])
     leaderboard = _read_csv(run_dir / "leaderboard.csv")
     if not (summary or history or leaderboard):
         raise FileNotFoundError(
             f"{run_dir} holds no summary.json, history.json or leaderboard.csv; pass the folder of a finished run"
         )
+    summary = summary or RunSummary()
     plot_losses(history, run_dir / "loss.png", title=_run_name(summary, run_dir))
     report = run_dir / "report.md"
     report.write_text(render_report(summary, history, leaderboard, run_dir))
     return report
 
 
-def render_report(summary: dict, history: list[dict], leaderboard: list[dict[str, str]], run_dir: Path) -> str:
+def write_report_or_warn(run_dir: str | Path) -> str | None:
+    """`write_report`, for the end of a run or search: a failure is logged and gives None, since the summary and
+    leaderboard are already on disk and a broken plot must not lose them."""
+    try:
+        return str(write_report(run_dir))
+    except Exception as error:
+        logger.warning("could not write the report for %s: %s", run_dir, error)
+        return None
+
+
+def render_report(
+    summary: RunSummary | SearchSummary, history: list[dict], leaderboard: list[dict[str, str]], run_dir: Path
+) -> str:
     """The Markdown text of the report."""
     sections = [
         f"# medray report: {_run_name(summary, run_dir)}",
         _overview(summary, history, run_dir),
         "## Configuration",
-        config_table(summary.get("config") or {}),
+        config_table(summary.config),
         "## Training and validation loss",
         "![training and validation loss](loss.png)",
         loss_table(history),
@@ -75,15 +94,15 @@ def render_report(summary: dict, history: list[dict], leaderboard: list[dict[str
     return "\n\n".join(sections) + "\n"
 
 
-def _overview(summary: dict, history: list[dict], run_dir: Path) -> str:
+def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir: Path) -> str:
     """One paragraph: where the run is, its steps and best validation loss, its data."""
     lines = [f"Run folder: `{run_dir}`"]
-    if summary.get("steps") is not None:
-        lines.append(f"Optimizer steps: {summary['steps']}")
+    if summary.steps is not None:
+        lines.append(f"Optimizer steps: {summary.steps}")
     best = best_validation(history)
     if best is not None:
         lines.append(f"Best validation loss: {best[1]:.4f} at step {best[0]}")
-    data = summary.get("data") or {}
+    data = summary.data
     if "rows_train" in data:
         lines.append(f"Rows: {data['rows_train']} training, {data.get('rows_validation', 0)} validation")
     for source in data.get("sources") or []:
@@ -93,8 +112,8 @@ def _overview(summary: dict, history: list[dict], run_dir: Path) -> str:
         )
     if data.get("rows_dropped_cut_in_prompt"):
         lines.append(f"Dropped (cut before the answer by data.max_length): {data['rows_dropped_cut_in_prompt']} rows")
-    if summary.get("best_checkpoint"):
-        lines.append(f"Best checkpoint: `{summary['best_checkpoint']}`")
+    if summary.best_checkpoint:
+        lines.append(f"Best checkpoint: `{summary.best_checkpoint}`")
     return "  \n".join(lines)
 
 
@@ -151,14 +170,15 @@ def loss_table(history: list[dict]) -> str:
     return table if best is None else f"{table}\n\n★ lowest validation loss"
 
 
-def time_and_memory_rows(summary: dict, history: list[dict]) -> list[list[str]]:
+def time_and_memory_rows(summary: RunSummary | SearchSummary, history: list[dict]) -> list[list[str]]:
     """Rows of the time, throughput and memory table; GPU rows say "n/a (CPU run)" when no GPU figure was logged."""
     last = _last_values(history)
-    world_size = summary.get("world_size") or (summary.get("config") or {}).get("scaling", {}).get("num_workers", 1)
-    runtime = summary.get("train_runtime_s") or last.get("train_runtime") or last.get("train_runtime_s")
+    # A search's summary has no world size or training time of its own: they come from the config and history.
+    world_size = getattr(summary, "world_size", None) or summary.config.get("scaling", {}).get("num_workers", 1)
+    runtime = getattr(summary, "train_runtime_s", None) or last.get("train_runtime") or last.get("train_runtime_s")
     rows = [
         ["training time", _duration(runtime)],
-        ["job wall time (data preparation included)", _duration(summary.get("wall_time_s"))],
+        ["job wall time (data preparation included)", _duration(summary.wall_time_s)],
         ["workers", str(world_size)],
         ["tokens/s, all workers (run average)", _number(last.get("tokens_per_s_avg"), ".0f")],
         ["tokens/s per worker (run average)", _number(_divide(last.get("tokens_per_s_avg"), world_size), ".0f")],
@@ -289,8 +309,8 @@ def _max(history: list[dict], field: str) -> float | None:
     return max(values) if values else None
 
 
-def _run_name(summary: dict, run_dir: Path) -> str:
-    return (summary.get("config") or {}).get("run", {}).get("name") or run_dir.name
+def _run_name(summary: RunSummary | SearchSummary, run_dir: Path) -> str:
+    return summary.config.get("run", {}).get("name") or run_dir.name
 
 
 def _read_json(path: Path, default: Any) -> Any:

@@ -33,6 +33,11 @@ PYPI_FORM = (
 PIP_TIMEOUT_S = 900
 
 
+def is_uri(path: str) -> bool:
+    """True for `s3://bucket/...`, `gs://...`, `file://...` and other URIs; False for local paths."""
+    return "://" in str(path)
+
+
 class ModelSourceError(RuntimeError):
     """A `pypi:` model source that is malformed, cannot be downloaded, or lacks its GGUF file; says what to do."""
 

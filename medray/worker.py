@@ -3,17 +3,22 @@
 Sections read top to bottom: 1 config, 2 model (unsloth is imported here, before trl/transformers/peft),
 3 data streamed from Ray, 4 trainer, 5 resume, 6 train, 7 return the history to the driver.
 
-The driver passes `{"medray": MedrayConfig.to_dict(), "plan": {...}}`; `plan` holds what the driver derived
-(`max_steps`, `run_dir`, `has_validation`, `trial`). The benchmark (medray.bench) adds `time_steps` (stamp every
-optimizer step with medray.steptimer and return every rank's records), `profile_step` and `profile_path`.
+The driver passes `{"medray": MedrayConfig.to_dict(), "plan": WorkerPlan.to_dict()}` (see medray.contracts);
+rank 0 returns a `WorkerResult`. Code that measures or tests training (the benchmark's step timer, the test
+suite's fingerprint) attaches through the plan's `extensions`, import paths of functions
+`attach(context: WorkerContext) -> object | None`: an extension adds trainer callbacks or a per-batch hook, and
+the object it returns may define `result()`, whose value from every rank reaches `WorkerResult.extensions`.
+A user's run names no extension and runs none of that code.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +29,42 @@ import torch
 
 from medray.batching import RowCollator, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
+from medray.contracts import WorkerPlan, WorkerResult
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+@dataclass
+class WorkerContext:
+    """What a worker extension's `attach` receives: the run, this rank, and the built trainer."""
+
+    cfg: MedrayConfig
+    plan: WorkerPlan
+    rank: int
+    world_size: int
+    device: torch.device
+    tokenizer: Any
+    trainer: Any
+    """The StreamingSFTTrainer: extensions add callbacks with `trainer.add_callback`."""
+
+    def on_train_batch(self, hook) -> None:
+        """Call `hook(rows)` with every training micro-batch's rows (numpy columns), in training order."""
+        self.trainer.ray_streams.on_train_batch = hook
+
+    @property
+    def train_data_passes(self) -> int:
+        """Passes this rank's train loader has started over its shard."""
+        return self.trainer.ray_streams.train_passes
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> WorkerResult | None:
     """Train one LoRA adapter; every worker runs this, rank 0 returns the history."""
-    # 1. Config: plain dicts crossed the Ray boundary; rebuild the typed tree.
+    # 1. Config: plain dicts crossed the Ray boundary; rebuild the typed objects.
     cfg = MedrayConfig.from_dict(config["medray"])
+    plan = WorkerPlan.from_dict(config["plan"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    plan = {**config["plan"], "rank": rank}
 
     # 2. Model. Imports unsloth (when chosen) before trl / transformers / peft are imported in this process.
     backend = resolve_backend(cfg.model)
@@ -46,12 +75,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     # 3. Data: this worker's shard of the pre-tokenized splits, streamed from Ray Data.
     train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("validation") if plan["has_validation"] else None
+    eval_shard = ray.train.get_dataset_shard("validation") if plan.has_validation else None
 
     # 4. Trainer. medray collates the batches itself (medray.batching): padding-free or padded, per train.padding.
-    trainer = _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard)
+    trainer = _build_trainer(cfg, plan, rank, model, tokenizer, backend, train_shard, eval_shard)
     _add_metrics_callback(trainer, cfg, plan, rank, world_size, model)
-    timer = _add_step_timer(trainer, cfg, plan, rank, device)
+    extensions = _attach_extensions(WorkerContext(cfg, plan, rank, world_size, device, tokenizer, trainer))
 
     # 5. Resume: a run restarted with the same name (or after a worker failure) continues from its last checkpoint.
     resume_dir = _restore_checkpoint(ray.train.get_checkpoint())
@@ -61,40 +90,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     # 7. Rank 0 returns the history; the driver writes summary.json and the report from it.
     node_ids = _node_ids(world_size)  # a collective: every rank takes part
-    workers = _gather(_worker_stats(timer, rank, device), world_size) if timer else None  # a collective too
+    extension_results = _extension_results(extensions, world_size)  # a collective too, when extensions are named
     if rank != 0:
         return None
-    return {
-        "log_history": trainer.state.log_history,
-        "global_step": trainer.state.global_step,
-        "best_metric": trainer.state.best_metric,
-        "best_step": _best_step(trainer.state),
-        "train_runtime_s": output.metrics.get("train_runtime"),
-        "backend": backend,
-        "resumed_from_step": _checkpoint_step(resume_dir),
-        "world_size": world_size,
-        "trainer_world_size": trainer.args.world_size,
-        "wrapped_model": type(trainer.model_wrapped).__name__,
-        "node_ids": node_ids,
-        "train_data_passes": trainer.ray_streams.train_passes,
-        "probe": _probe(trainer.model, plan.get("probe_input_ids")),
-        "batch_layout": trainer.batch_layout,
-        "workers": workers,
-    }
+    return WorkerResult(
+        log_history=trainer.state.log_history,
+        global_step=trainer.state.global_step,
+        best_metric=trainer.state.best_metric,
+        best_step=_best_step(trainer.state),
+        train_runtime_s=output.metrics.get("train_runtime"),
+        backend=backend,
+        resumed_from_step=_checkpoint_step(resume_dir),
+        world_size=world_size,
+        node_ids=node_ids,
+        batch_layout=trainer.batch_layout,
+        extensions=extension_results,
+    )
 
 
-def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard):
+def _build_trainer(cfg, plan: WorkerPlan, rank: int, model, tokenizer, backend, train_shard, eval_shard):
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig
 
-    if plan.get("tensorboard_dir"):
-        os.environ["TENSORBOARD_LOGGING_DIR"] = plan["tensorboard_dir"]  # transformers 5 reads it from the env
+    if plan.tensorboard_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = plan.tensorboard_dir  # transformers 5 reads it from the env
     layout = resolve_layout(cfg.train.padding, backend, cfg.model.attn_implementation)
     problem = layout_problem(layout, backend, cfg.model.attn_implementation)
     if problem:
         raise ValueError(problem)
-    args = SFTConfig(**{**_sft_arguments(cfg, plan, backend), **_unsloth_layout(layout, backend)})
+    args = SFTConfig(**{**sft_arguments(cfg, plan, backend, rank), **_unsloth_layout(layout, backend)})
     trainer = _streaming_trainer_class()(
         model=model,
         args=args,
@@ -123,16 +148,17 @@ def _build_trainer(cfg, plan, model, tokenizer, backend, train_shard, eval_shard
     return trainer
 
 
-def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dict[str, Any]:
+def sft_arguments(cfg: MedrayConfig, plan: WorkerPlan, backend: str, rank: int = 0) -> dict[str, Any]:
+    """The SFTConfig values of a run: what the benchmark's single-process variants train with, too."""
     precision = resolve_precision(cfg.train)
-    has_validation = plan["has_validation"]
+    has_validation = plan.has_validation
     # The HF gradient-checkpointing flag is for the hf backend; Unsloth installs its own in get_peft_model.
     checkpointing = cfg.train.gradient_checkpointing and backend == "hf"
     return dict(
         # One local folder per rank: RayTrainReportCallback uploads the newest checkpoint it finds there, and a rank
         # that shared rank 0's folder could upload rank 0's previous adapter before the new one is written.
-        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan["run_id"] / f"rank{plan['rank']}"),
-        max_steps=plan["max_steps"],
+        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan.run_id / f"rank{rank}"),
+        max_steps=plan.max_steps,
         per_device_train_batch_size=cfg.train.per_device_batch_size,
         per_device_eval_batch_size=cfg.train.eval_batch_size or cfg.train.per_device_batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -165,7 +191,7 @@ def _sft_arguments(cfg: MedrayConfig, plan: dict[str, Any], backend: str) -> dic
         # worker would silently train its own copy of the model.
         use_cpu=not torch.cuda.is_available(),
         accelerator_config={"dispatch_batches": False},
-        report_to=["tensorboard"] if plan.get("tensorboard_dir") else [],
+        report_to=["tensorboard"] if plan.tensorboard_dir else [],
         disable_tqdm=True,
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
@@ -311,12 +337,12 @@ def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:
 
     callback = TrainingMetricsCallback(
         cfg.run.name,
-        trial=plan.get("trial"),
+        trial=plan.trial,
         rank=rank,
         world_size=world_size,
         n_params_for_mfu=count_params_for_mfu(model),
         peak_flops=gpu_peak_flops(),
-        total_steps=plan["max_steps"],
+        total_steps=plan.max_steps,
     )
     # First in line, so TensorBoard and Ray's report see the fields it adds. Its progress line replaces HF's
     # PrinterCallback, which would print every log dict into `ray job logs`.
@@ -326,46 +352,23 @@ def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:
     trainer.callback_handler.callbacks.insert(0, callback)
 
 
-def _add_step_timer(trainer, cfg, plan, rank, device):
-    """With `plan["time_steps"]` (the benchmark): stamp every optimizer step, count its real tokens at the loader."""
-    if not plan.get("time_steps"):
-        return None
-    from medray.steptimer import make_step_timer
-
-    profile_path = plan.get("profile_path")
-    timer = make_step_timer(
-        sync_cuda=device.type == "cuda",
-        grad_accum=cfg.train.gradient_accumulation_steps,
-        profile_step=plan.get("profile_step"),
-        profile_path=profile_path.format(rank=rank) if profile_path else None,
-    )
-    trainer.add_callback(timer)
-    trainer.ray_streams.on_train_batch = timer.count_tokens
-    return timer
+def _attach_extensions(context: WorkerContext) -> dict[str, Any]:
+    """Import and attach every extension the plan names; import path -> what its `attach` returned."""
+    attached = {}
+    for path in context.plan.extensions:
+        module_name, _, function_name = path.partition(":")
+        attach = getattr(importlib.import_module(module_name), function_name)
+        attached[path] = attach(context)
+    return attached
 
 
-def _worker_stats(timer, rank: int, device: torch.device) -> dict[str, Any]:
-    """This rank's step records and peak memory: the benchmark's per-GPU figures."""
-    cuda = device.type == "cuda"
-    return {
-        "rank": rank,
-        "step_times": timer.records,
-        "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1024**3 if cuda else None,
-        "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else None,
-        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
-    }
-
-
-def _probe(model, input_ids: list[int] | None, top: int = 20) -> dict | None:
-    """The trained model's top next-token logits for a fixed prompt: a fingerprint the saved adapter must match."""
-    if not input_ids:
-        return None
-    model.eval()
-    with torch.no_grad():
-        ids = torch.tensor([input_ids], device=next(model.parameters()).device)
-        logits = model(input_ids=ids).logits[0, -1].float()
-    values, indices = torch.topk(logits, top)
-    return {"input_ids": input_ids, "top_ids": indices.tolist(), "top_logits": values.tolist()}
+def _extension_results(extensions: dict[str, Any], world_size: int) -> dict[str, list[Any]]:
+    """Each extension's `result()` from every rank (rank order); a collective when any extension is attached."""
+    if not extensions:
+        return {}
+    mine = {path: getattr(handle, "result", lambda: None)() for path, handle in extensions.items()}
+    gathered = _gather(mine, world_size)
+    return {path: [rank_results[path] for rank_results in gathered] for path in extensions}
 
 
 def _restore_checkpoint(checkpoint) -> str | None:

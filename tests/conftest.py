@@ -117,6 +117,15 @@ def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
     return save_random_mistral(tmp_path_factory.mktemp("tiny_mistral"), mistral_tokenizer_dir, **TINY_MISTRAL_SHAPE)
 
 
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def worker_runtime_env() -> dict:
+    """Ray's runtime env for local test clusters: `tests/` on the workers' path, for extensions like worker_probe."""
+    path = os.pathsep.join(item for item in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if item)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for the module (2 CPUs, no dashboard); shut down afterwards."""
@@ -128,6 +137,7 @@ def ray_local():
         object_store_memory=600 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,
+        runtime_env=worker_runtime_env(),
     )
     yield ray
     ray.shutdown()

@@ -6,15 +6,15 @@ The GPU figures themselves come from tests/gpu/run.sh and run_real.sh; here the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from medray import bench, bench_report
+from benchmarks import bench, records, workload
+from benchmarks import report as bench_report
+from benchmarks.steptimer import count_real_tokens, make_step_timer, step_table, summarize
 from medray.config import MedrayConfig, TrainArgs, load_config
-from medray.steptimer import count_real_tokens, make_step_timer, step_table, summarize
 from medray.worker import _batch_layout
 
 
@@ -26,7 +26,7 @@ def parse(argv: list[str]):
 
 
 def test_full_rows_are_max_length_random_ids_after_bos():
-    rows = bench.make_rows(6, "full", 2048)
+    rows = workload.make_rows(6, "full", 2048)
     for row in rows:
         ids = np.asarray(row["input_ids"])
         assert row["length"] == ids.size == 2048
@@ -34,35 +34,35 @@ def test_full_rows_are_max_length_random_ids_after_bos():
 
 
 def test_real_rows_have_the_real_length_distribution():
-    lengths = np.array([row["length"] for row in bench.make_rows(5000, "real", 2048)])
+    lengths = np.array([row["length"] for row in workload.make_rows(5000, "real", 2048)])
     assert lengths.min() >= 300 and lengths.max() <= 1423
     assert abs(lengths.mean() - 892) < 8
     assert abs(np.percentile(lengths, 90) - 1119) < 15  # 892 + 1.2816 x 177
     assert abs(lengths.std() - 177) < 8
-    assert all(len(row["input_ids"]) == row["length"] for row in bench.make_rows(50, "real", 2048))
+    assert all(len(row["input_ids"]) == row["length"] for row in workload.make_rows(50, "real", 2048))
 
 
 def test_real_rows_are_the_recipes_rows():
     """shared/gpu/bench_7b_batch.py drew 80 rows (batch 4) and 296 rows (batch 16) with seed 0 (its README rounds
     the p90 of the 80 to 1151)."""
-    assert bench.length_stats(r["length"] for r in bench.make_rows(80, "real", 2048)) == {
+    assert workload.length_stats(r["length"] for r in workload.make_rows(80, "real", 2048)) == {
         "n": 80, "mean": 913.3, "median": 910.0, "p90": 1150.6, "min": 480, "max": 1246,
     }  # fmt: skip
-    stats = bench.length_stats(r["length"] for r in bench.make_rows(296, "real", 2048))
+    stats = workload.length_stats(r["length"] for r in workload.make_rows(296, "real", 2048))
     assert (stats["mean"], stats["median"], stats["p90"], stats["min"], stats["max"]) == (885.8, 878.5, 1126, 342, 1423)
 
 
 def test_real_rows_are_seeded_and_scale_with_the_max_length():
-    assert bench.make_rows(20, "real", 2048, seed=3) == bench.make_rows(20, "real", 2048, seed=3)
-    assert bench.make_rows(20, "real", 2048, seed=3) != bench.make_rows(20, "real", 2048, seed=4)
-    lengths = [row["length"] for row in bench.make_rows(2000, "real", 128)]
+    assert workload.make_rows(20, "real", 2048, seed=3) == workload.make_rows(20, "real", 2048, seed=3)
+    assert workload.make_rows(20, "real", 2048, seed=3) != workload.make_rows(20, "real", 2048, seed=4)
+    lengths = [row["length"] for row in workload.make_rows(2000, "real", 128)]
     assert min(lengths) >= 19 and max(lengths) <= 89  # [300, 1423] x 128 / 2048
     assert abs(np.mean(lengths) - 892 * 128 / 2048) < 1
 
 
 def test_group_by_length_sorts_each_step_and_keeps_its_rows():
-    rows = bench.make_rows(12, "real", 2048)
-    grouped = bench.group_by_length(rows, step_rows=4)
+    rows = workload.make_rows(12, "real", 2048)
+    grouped = workload.group_by_length(rows, step_rows=4)
     for start in range(0, 12, 4):
         step, original = grouped[start : start + 4], rows[start : start + 4]
         assert sorted(map(id, step)) == sorted(map(id, original))
@@ -73,10 +73,10 @@ def test_parameter_count_of_the_7b_shape_and_of_a_built_model():
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    assert bench.count_parameters(bench.MISTRAL_7B_V03) == 7_248_023_552
+    assert workload.count_parameters(workload.MISTRAL_7B_V03) == 7_248_023_552
     with torch.device("meta"):
-        model = MistralForCausalLM(MistralConfig(**bench.TINY_MISTRAL))
-    assert bench.count_parameters(bench.TINY_MISTRAL) == sum(p.numel() for p in model.parameters())
+        model = MistralForCausalLM(MistralConfig(**workload.TINY_MISTRAL))
+    assert workload.count_parameters(workload.TINY_MISTRAL) == sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------- step timer
@@ -166,7 +166,7 @@ def test_gpu_run_config_is_the_reference_recipe_at_benchmark_size():
     )  # fmt: skip
     assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (2, True)
     assert cfg.run.storage_path == "/tmp/medray_bench" and cfg.run.name.startswith("bench-medray-real-b8x1-g2-")
-    assert bench.rows_needed(args) == 8 * 1 * 2 * 22
+    assert records.rows_needed(args) == 8 * 1 * 2 * 22
 
 
 def test_cpu_run_config_and_profile_step():
@@ -186,7 +186,7 @@ def test_knobs_become_config_options_and_sft_values():
         "padding_free": False,
         "pad_to_multiple_of": 64,
     }
-    assert bench.knobs(args)["env"] == {"A": "1", "B": "x=y"}
+    assert records.knobs(args)["env"] == {"A": "1", "B": "x=y"}
     assert _batch_layout(load_config(None, bench.bench_overrides(parse([]))).train) == {}
     assert bench.knob_overrides(parse([])) == []
 
@@ -309,8 +309,8 @@ def test_empty_report_and_summary(tmp_path, fixture_records):
 
 def test_append_and_merge_records(tmp_path):
     first, merged = tmp_path / "a.json", tmp_path / "docs" / "b.json"
-    bench.append_record(first, {"n": 1})
-    bench.append_record(first, {"n": 2})
+    records.append_record(first, {"n": 1})
+    records.append_record(first, {"n": 2})
     assert json.loads(first.read_text()) == [{"n": 1}, {"n": 2}]
     assert bench.main(["--merge", str(first), "--json", str(merged)]) == 0
     assert json.loads(merged.read_text()) == [{"n": 1}, {"n": 2}]
@@ -330,7 +330,7 @@ def run_dry(tmp_path, model_dir, *extra):
 
 def expected_step_tokens(record):
     """Real tokens of each optimizer step, from the rows the run drew (one worker: in order)."""
-    lengths = [row["length"] for row in bench.make_rows(100, "real", 128)]
+    lengths = [row["length"] for row in workload.make_rows(100, "real", 128)]
     step_rows = record["batch"] * record["grad_accum"]
     return [sum(lengths[i : i + step_rows]) for i in range(0, step_rows * len(record["steps"]), step_rows)]
 
@@ -345,10 +345,6 @@ def test_bare_dry_run_counts_every_real_token(tmp_path, tiny_mistral_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    "_add_step_timer" not in (Path(bench.__file__).parent / "worker.py").read_text(),
-    reason="needs the worker's step timer (plan['time_steps'])",
-)
 def test_medray_dry_run_through_the_driver_and_worker(tmp_path, tiny_mistral_dir):
     record = run_dry(tmp_path, tiny_mistral_dir, "--variant", "medray")
     assert (record["variant"], record["backend"], record["gpus"]) == ("medray", "hf", 1)

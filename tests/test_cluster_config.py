@@ -180,9 +180,9 @@ def test_rayjob_runs_the_gpu_preset_through_jobs_train(rayjob):
     words = shlex.split(rayjob["spec"]["entrypoint"])
     assert words[:2] == ["python", "jobs/train.py"]
     preset = words[words.index("--config") + 1]
-    assert preset == "jobs/configs/mistral7b-medical-o1.yaml"
+    assert preset == "mistral7b-medical-o1"
     overrides = [word for word in words[2:] if "=" in word]
-    config = load_config(ROOT / preset, overrides)
+    config = load_config(preset, overrides)
     assert config.scaling.use_gpu
     assert config.run.storage_path.startswith("s3://")
 

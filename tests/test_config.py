@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from medray.cli import PRESETS_DIR, resolve_preset
 from medray.config import ConfigError, MedrayConfig, load_config
+from medray.presets import preset_names, preset_path, resolve_preset
 
-PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
+PRESETS = [preset_path(name) for name in preset_names()]
 
 
 def test_defaults_are_the_reference_recipe():

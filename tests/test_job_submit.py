@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PRESET = "jobs/configs/tiny-test.yaml"
+TINY_PRESET = "tiny-test"
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,19 @@ from ray.tune.search import sample
 from ray.tune.search.variant_generator import generate_variants
 
 from medray.config import ConfigError, MedrayConfig, load_config
-from medray.search import (
+from medray.leaderboard import leaderboard_rows, write_search_outcome
+from medray.search import build_scheduler, trial_config
+from medray.search_space import (
     WORST_METRIC,
-    build_scheduler,
     check_search,
     finite_metric,
-    leaderboard_rows,
     max_concurrent_trials,
     number_of_trials,
     param_space,
-    trial_config,
     trial_resources,
-    write_search_outcome,
 )
 
-TINY_PRESET = "jobs/configs/tiny-test.yaml"
+TINY_PRESET = "tiny-test"
 
 
 def config(*overrides: str) -> MedrayConfig:
@@ -293,7 +291,7 @@ def test_leaderboard_csv_ranks_trials_and_marks_early_stops(recorded_search):
 def test_summary_names_the_best_trial_and_its_checkpoint(recorded_search):
     _, outcome, folder = recorded_search
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary == json.loads(json.dumps(outcome.summary))
+    assert summary == json.loads(outcome.summary.to_json())
     best = summary["best_trial"]
     assert best["trial"] == "t_00001" and best["best_step"] == 4 and best["params"] == {"train.learning_rate": 0.01}
     assert summary["best_checkpoint"] == "/ckpt/t_00001/1/checkpoint"  # the report at the best step
@@ -307,7 +305,7 @@ def test_summary_names_the_best_trial_and_its_checkpoint(recorded_search):
 
 def test_best_config_is_a_preset_that_trains_the_best_trial(recorded_search):
     cfg, outcome, folder = recorded_search
-    path = Path(outcome.summary["best_config"])
+    path = Path(outcome.summary.best_config)
     assert path == folder / "best_config.yaml"
     assert path.read_text().startswith(f"# medray train --config {path}\n")
     best = load_config(path)
@@ -321,7 +319,7 @@ def test_leaderboard_markdown_shows_the_table_and_how_to_train_the_best(recorded
     markdown = (folder / "leaderboard.md").read_text()
     assert "| 1 | t_00001 | 0.01 | 1.5000 | 6 / 6 | no | 30 |" in markdown
     assert "| 4 | t_00002 | 10 | diverged | 2 / 6 | scheduler | 10 |" in markdown
-    assert f"medray train --config {outcome.summary['best_config']}" in markdown
+    assert f"medray train --config {outcome.summary.best_config}" in markdown
 
 
 def test_failed_and_silent_trials_rank_last():
@@ -350,7 +348,7 @@ def test_resuming_with_another_config_is_refused_before_ray_starts(tmp_path, mon
 
 
 def test_ledger_hands_back_the_groups_of_ended_trials_once():
-    from medray.search import PlacementGroupLedger
+    from medray._ray_placement import PlacementGroupLedger
 
     ledger = PlacementGroupLedger()
     ledger.add("a", "group-a1")

@@ -25,7 +25,7 @@ from medray.config import load_config
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PRESET = "jobs/configs/tiny-test.yaml"
+TINY_PRESET = "tiny-test"
 SANE_LRS = (1.0e-2, 5.0e-3)
 ABSURD_LRS = (10.0, 50.0)
 

@@ -56,7 +56,7 @@ def small_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
 def gpu_search_config(model_dir: Path, storage: Path, scheduler: str):
     grid = ", ".join(str(lr) for lr in (*SANE_LRS, *ABSURD_LRS))
     return load_config(
-        "jobs/configs/tiny-test.yaml",
+        "tiny-test",
         [
             f"model.name={model_dir}",
             "model.backend=auto",  # Unsloth on CUDA
@@ -85,9 +85,7 @@ def searches(ray_gpus, small_mistral_dir, tmp_path_factory):
     for scheduler in ("asha", "fifo"):
         started = time.monotonic()
         outcomes[scheduler] = run_search(gpu_search_config(small_mistral_dir, storage, scheduler))
-        print(
-            f"{scheduler}: {time.monotonic() - started:.0f}s, GPU-s {outcomes[scheduler].summary['resource_seconds']}"
-        )
+        print(f"{scheduler}: {time.monotonic() - started:.0f}s, GPU-s {outcomes[scheduler].summary.resource_seconds}")
     _keep_record(outcomes)
     return outcomes
 
@@ -104,18 +102,18 @@ def most_at_once(search: Path) -> int:
 def test_trials_run_two_at_a_time_with_one_gpu_each(searches):
     for outcome in searches.values():
         summary = outcome.summary
-        assert summary["max_concurrent_trials"] == 2 and summary["resources_per_trial"]["GPU"] == 1.0
-        assert summary["num_trials"] == 4 and summary["num_errors"] == 0
+        assert summary.max_concurrent_trials == 2 and summary.resources_per_trial["GPU"] == 1.0
+        assert summary.num_trials == 4 and summary.num_errors == 0
         assert most_at_once(Path(outcome.search_dir)) == 2
 
 
 def test_asha_stops_absurd_trials_and_saves_gpu_seconds(searches):
     asha, fifo = searches["asha"].summary, searches["fifo"].summary
-    stopped = [row for row in asha["trials"] if row["stopped_early"]]
+    stopped = [row for row in asha.trials if row["stopped_early"]]
     assert any(row["params"]["train.learning_rate"] in ABSURD_LRS for row in stopped)
-    assert all(row["steps"] == MAX_STEPS for row in fifo["trials"])
-    assert asha["best_trial"]["params"]["train.learning_rate"] in SANE_LRS
-    assert asha["resource_seconds"]["GPU"] < fifo["resource_seconds"]["GPU"]
+    assert all(row["steps"] == MAX_STEPS for row in fifo.trials)
+    assert asha.best_trial["params"]["train.learning_rate"] in SANE_LRS
+    assert asha.resource_seconds["GPU"] < fifo.resource_seconds["GPU"]
 
 
 def _keep_record(outcomes) -> None:
@@ -126,11 +124,11 @@ def _keep_record(outcomes) -> None:
     for scheduler, outcome in outcomes.items():
         summary = outcome.summary
         record[scheduler] = {
-            "gpu_seconds": summary["resource_seconds"].get("GPU"),
-            "wall_time_s": summary["wall_time_s"],
+            "gpu_seconds": summary.resource_seconds.get("GPU"),
+            "wall_time_s": summary.wall_time_s,
             "trials": [
                 {key: row[key] for key in ("trial", "params", "best", "steps", "stopped_by", "wall_time_s")}
-                for row in summary["trials"]
+                for row in summary.trials
             ],
         }
         shutil.copy(Path(outcome.search_dir) / "leaderboard.md", Path(out) / f"leaderboard-{scheduler}.md")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from worker_probe import EXTENSION, rank_facts
 
 from medray.config import load_config
 from medray.driver import planned_steps, run_training
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def tiny_config(tmp_path: Path, model_dir: Path, *overrides: str):
     return load_config(
-        "jobs/configs/tiny-test.yaml",
+        "tiny-test",
         [f"model.name={model_dir}", f"run.storage_path={tmp_path}", *overrides],
     )
 
@@ -41,24 +42,25 @@ def two_worker_run(ray_local, tiny_mistral_dir, tmp_path_factory):
         "train.padding=padding_free",  # the resume test below keeps the default (padded on hf sdpa)
         "run.name=two-workers",
     )
-    outcome = run_training(cfg)
+    outcome = run_training(cfg, extensions=[EXTENSION])
     return cfg, outcome
 
 
 def test_step_count_is_exact_for_two_workers(two_worker_run):
     cfg, outcome = two_worker_run
     summary = outcome.summary
-    rows = summary["data"]["rows_train"]
+    rows = summary.data["rows_train"]
     expected = (rows // 2) // cfg.train.per_device_batch_size // cfg.train.gradient_accumulation_steps
     assert planned_steps(cfg, rows) == expected >= 3
-    assert summary["steps"] == expected
-    assert summary["world_size"] == 2
+    assert summary.steps == expected
+    assert summary.world_size == 2
+    facts = rank_facts(outcome)
     # One model trained by both workers (DDP), not two models trained side by side.
-    assert outcome.result.return_value["trainer_world_size"] == 2
-    assert outcome.result.return_value["wrapped_model"] == "DistributedDataParallel"
-    assert outcome.result.return_value["batch_layout"] == "padding_free"
+    assert facts[0]["trainer_world_size"] == 2
+    assert facts[0]["wrapped_model"] == "DistributedDataParallel"
+    assert outcome.result.return_value.batch_layout == "padding_free"
     # Each worker read its own half exactly once: a second sharding would have made it loop over its data.
-    assert summary["train_data_passes"] == 1
+    assert [rank["train_data_passes"] for rank in facts] == [1, 1]
 
 
 def test_eval_loss_reported_and_history_written(two_worker_run):
@@ -67,7 +69,7 @@ def test_eval_loss_reported_and_history_written(two_worker_run):
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     train_losses = [entry["loss"] for entry in history if "loss" in entry]
     assert eval_losses and train_losses
-    assert outcome.summary["metrics"]["best"]["eval_loss"] == pytest.approx(min(eval_losses))
+    assert outcome.summary.metrics["best"]["eval_loss"] == pytest.approx(min(eval_losses))
     assert Path(outcome.summary_path).name == "summary.json"
     assert (Path(outcome.run_dir) / "report.md").is_file() and (Path(outcome.run_dir) / "loss.png").is_file()
 
@@ -77,7 +79,7 @@ def test_best_checkpoint_is_a_peft_adapter_with_the_trained_logits(two_worker_ru
     from transformers import AutoModelForCausalLM
 
     _, outcome = two_worker_run
-    checkpoint = Path(outcome.summary["best_checkpoint"])
+    checkpoint = Path(outcome.summary.best_checkpoint)
     assert (checkpoint / "adapter_config.json").is_file()
     adapter = load_file(checkpoint / "adapter_model.safetensors")
     assert adapter and all("lora_" in key for key in adapter)  # only LoRA weights: the base is untouched
@@ -86,7 +88,7 @@ def test_best_checkpoint_is_a_peft_adapter_with_the_trained_logits(two_worker_ru
     base = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir)
     base_before = {k: v.clone() for k, v in base.state_dict().items()}
     model = PeftModel.from_pretrained(base, checkpoint).eval()
-    probe = outcome.summary["probe"]
+    probe = rank_facts(outcome)[0]["probe"]
     with torch.no_grad():
         logits = model(torch.tensor([probe["input_ids"]])).logits[0, -1]
     values, indices = torch.topk(logits, len(probe["top_ids"]))
@@ -101,9 +103,9 @@ def test_best_checkpoint_is_a_peft_adapter_with_the_trained_logits(two_worker_ru
 
 def test_a_run_started_again_resumes_from_its_checkpoint(ray_local, tiny_mistral_dir, tmp_path):
     first = run_training(tiny_config(tmp_path, tiny_mistral_dir, "train.max_steps=3", "run.name=resume"))
-    assert first.summary["steps"] == 3 and first.summary["resumed_from_step"] is None
+    assert first.summary.steps == 3 and first.summary.resumed_from_step is None
     again = run_training(tiny_config(tmp_path, tiny_mistral_dir, "train.max_steps=6", "run.name=resume"))
-    assert again.summary["resumed_from_step"] == 3
-    assert again.summary["steps"] == 6
+    assert again.summary.resumed_from_step == 3
+    assert again.summary.steps == 6
     steps_logged = [entry["step"] for entry in json.loads((Path(again.run_dir) / "history.json").read_text())]
     assert steps_logged == sorted(steps_logged) and steps_logged[-1] == 6

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_runtime_env
+from worker_probe import EXTENSION, rank_facts
 
 from medray.config import load_config
 from medray.driver import run_training
@@ -23,7 +25,7 @@ pytestmark = [
 
 def gpu_config(tmp_path: Path, model_dir: Path, workers: int):
     return load_config(
-        "jobs/configs/tiny-test.yaml",
+        "tiny-test",
         [
             f"model.name={model_dir}",
             "model.backend=unsloth",
@@ -45,7 +47,7 @@ def gpu_config(tmp_path: Path, model_dir: Path, workers: int):
 def ray_gpus():
     import ray
 
-    ray.init(address="local", include_dashboard=False)
+    ray.init(address="local", include_dashboard=False, runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -54,19 +56,19 @@ def ray_gpus():
 def test_unsloth_backend_trains_under_ray_train(ray_gpus, tiny_mistral_dir, tmp_path, workers):
     if torch.cuda.device_count() < workers:
         pytest.skip(f"needs {workers} GPUs")
-    outcome = run_training(gpu_config(tmp_path, tiny_mistral_dir, workers))
+    outcome = run_training(gpu_config(tmp_path, tiny_mistral_dir, workers), extensions=[EXTENSION])
     summary = outcome.summary
-    assert summary["backend"] == "unsloth"
-    assert summary["steps"] == 12 and summary["world_size"] == workers
-    returned = outcome.result.return_value
-    assert returned["trainer_world_size"] == workers
+    assert summary.backend == "unsloth"
+    assert summary.steps == 12 and summary.world_size == workers
+    facts = rank_facts(outcome)[0]
+    assert facts["trainer_world_size"] == workers
     if workers > 1:
-        assert returned["wrapped_model"] == "DistributedDataParallel"
-    losses = [entry["loss"] for entry in outcome.result.return_value["log_history"] if "loss" in entry]
+        assert facts["wrapped_model"] == "DistributedDataParallel"
+    losses = [entry["loss"] for entry in outcome.result.return_value.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
-    final = summary["metrics"]["final"]
+    final = summary.metrics["final"]
     assert final["gpu_peak_reserved_gb"] > 0 and 0 < final["gpu_peak_reserved_pct"] < 100
-    _assert_adapter_reproduces_probe(Path(summary["best_checkpoint"]), tiny_mistral_dir, summary["probe"])
+    _assert_adapter_reproduces_probe(Path(summary.best_checkpoint), tiny_mistral_dir, facts["probe"])
 
 
 def _assert_adapter_reproduces_probe(checkpoint: Path, base_dir: Path, probe: dict) -> None:

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medray.report import markdown_table
+
 REFERENCE = {"train_rows": 17_733, "mean_tokens": 892, "evaluations": 5, "eval_rows": 1_971, "effective_batch": 16}
 EVAL_COST = 1 / 3
 """Forward-only cost per token relative to a training step (estimate, used when no evaluation was measured)."""
@@ -123,9 +125,14 @@ def _passes(value: float | None, sign: str, bound: float) -> bool | None:
 # ---------------------------------------------------------------------------------------------------- projection
 
 
-def planned_steps(gpus: int, batch: int, grad_accum: int) -> int:
-    """Optimizer steps of one epoch, as `medray.driver.planned_steps` counts them (17,733 rows at 16: 1,108)."""
-    return REFERENCE["train_rows"] // gpus // batch // grad_accum
+def reference_steps(gpus: int, batch: int, grad_accum: int) -> int:
+    """Optimizer steps of one epoch of the reference run, as medray plans them (17,733 rows at 16: 1,108)."""
+    from medray.config import load_config
+    from medray.driver import planned_steps
+
+    layout = [f"scaling.num_workers={gpus}", f"train.per_device_batch_size={batch}"]
+    layout += [f"train.gradient_accumulation_steps={grad_accum}", "train.max_steps=-1", "train.num_epochs=1"]
+    return planned_steps(load_config(None, layout), REFERENCE["train_rows"])
 
 
 def eval_rate(records: list[dict[str, Any]]) -> tuple[float | None, str]:
@@ -151,7 +158,7 @@ def project(record: dict[str, Any], eval_per_gpu: float | None, extra_startup_s:
     return {
         "gpus": gpus,
         "record": label(record),
-        "steps": planned_steps(gpus, record["batch"], record["grad_accum"]),
+        "steps": reference_steps(gpus, record["batch"], record["grad_accum"]),
         "tokens_per_s": rate,
         "train_s": train_s,
         "eval_s": eval_s,
@@ -255,7 +262,7 @@ def _results_table(records: list[dict[str, Any]]) -> str:
                 knob_text(record),
             ]
         )
-    return _markdown_table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def _floors_table(checks) -> str:
@@ -263,7 +270,7 @@ def _floors_table(checks) -> str:
         [name, "missing" if value is None else f"{value:.3f}", floor, _verdict(passed)]
         for name, value, floor, passed in checks
     ]
-    return _markdown_table(["check", "measured", "floor", "result"], rows)
+    return markdown_table(["check", "measured", "floor", "result"], rows)
 
 
 def _projection_section(records, extra_startup_s: float) -> str:
@@ -283,7 +290,7 @@ def _projection_section(records, extra_startup_s: float) -> str:
         ("floor", [f"<= {item['floor_min']} min" for item in found]),
         ("result", [_verdict(item["passed"]) for item in found]),
     ]
-    table = _markdown_table(headers, [[name, *values] for name, values in lines])
+    table = markdown_table(headers, [[name, *values] for name, values in lines])
     notes = [
         f"- Evaluations: {how}.",
         "- Training time includes the warm-up steps' extra time (first-step compiles) measured in the same run.",
@@ -345,12 +352,6 @@ def _commands(records: list[dict[str, Any]]) -> list[str]:
         if record["command"] not in seen:
             seen.append(record["command"])
     return seen
-
-
-def _markdown_table(headers: list, rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _number(value: float | None, digits: int = 0) -> str:

@@ -10,6 +10,11 @@ them: it calls `timer.count_tokens(rows)` once per training micro-batch, in the 
     trainer.train()
     summarize(timer.records, warmup=3)     # {"tokens_per_s": ..., "s_per_step_mean": ..., ...}
 
+Inside medray's Ray Train workers the timer attaches as a worker extension: `build_trainer(cfg, data,
+extensions=[EXTENSION], extension_options={"profile_step": ..., "profile_path": ".../profile_rank{rank}.txt"})`;
+`attach` adds the callback and the loader hook, and every rank's records come back in
+`WorkerResult.extensions[EXTENSION]`.
+
 Tokens are counted from the rows before collation (the sum of their lengths), so padding never counts, whatever
 the collator does (padded, padding-free, padded to a multiple). Loaders may run ahead of training; the counts queue
 up and every step end takes the next `grad_accum` of them.
@@ -34,6 +39,47 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+EXTENSION = "benchmarks.steptimer:attach"
+GIB = 1024**3
+
+
+def attach(context) -> RankTimer:
+    """Worker extension: time this rank's optimizer steps (see `medray.worker.WorkerContext`).
+
+    Options (`WorkerPlan.extension_options`): `profile_step` (optimizer step to profile, or None) and
+    `profile_path` (its operator table; `{rank}` is replaced by the rank).
+    """
+    options = context.plan.extension_options
+    path = options.get("profile_path")
+    timer = make_step_timer(
+        sync_cuda=context.device.type == "cuda",
+        grad_accum=context.cfg.train.gradient_accumulation_steps,
+        profile_step=options.get("profile_step"),
+        profile_path=path.format(rank=context.rank) if path else None,
+    )
+    context.trainer.add_callback(timer)
+    context.on_train_batch(timer.count_tokens)
+    return RankTimer(timer, context.rank, context.device)
+
+
+class RankTimer:
+    """One rank's step timer; `result()` is what the rank returns: its step records and peak memory."""
+
+    def __init__(self, timer, rank: int, device):
+        self.timer, self.rank, self.device = timer, rank, device
+
+    def result(self) -> dict[str, Any]:
+        import torch
+
+        cuda = self.device.type == "cuda"
+        return {
+            "rank": self.rank,
+            "step_times": self.timer.records,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(self.device) / GIB if cuda else None,
+            "peak_allocated_gb": torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None,
+            "gpu": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+        }
+
 
 def make_step_timer(
     sync_cuda: bool,
@@ -52,7 +98,7 @@ def make_step_timer(
     from transformers import TrainerCallback  # here, not at import: unsloth must be imported before transformers
 
     class StepTimer(TrainerCallback):
-        """Stamps every optimizer step's end; see `medray.steptimer`."""
+        """Stamps every optimizer step's end; see `benchmarks.steptimer`."""
 
         def __init__(self):
             self.records: list[dict[str, Any]] = []

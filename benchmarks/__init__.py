@@ -1,0 +1,11 @@
+"""The throughput benchmark, outside the product package: it drives medray through its public API only.
+
+    bench.py      the three variants (medray on Ray Train, bare Unsloth, plain peft) and the command line
+    workload.py   the model shape, the rows, the random-weight model folder, the matmul peak
+    steptimer.py  per-step wall time and real tokens; attaches to medray's workers as an extension
+    records.py    one run's JSON record
+    report.py     docs/benchmarks.json -> docs/benchmarks.md
+
+Run it with `python jobs/benchmark.py ...` (see its docstring) or `ray job submit --working-dir . -- python
+jobs/benchmark.py ...`.
+"""
