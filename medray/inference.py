@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from medray.config import ConfigError, MedrayConfig
+from medray.contracts import RunSummary
 from medray.prompts import format_prompt
 from medray.sources import PYPI_PREFIX, ModelSourceError, parse_pypi_source
 
@@ -139,19 +140,21 @@ def resolve_run(path: str | Path) -> RunArtifacts:
     return RunArtifacts(config=config, adapter_dir=adapter_dir, base_model=config.model.name, run_dir=run_dir)
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """The run's `summary.json` as a dict."""
+def read_run_summary(run_dir: Path) -> RunSummary:
+    """The run's `summary.json`."""
     try:
-        return json.loads((run_dir / SUMMARY).read_text())
+        return RunSummary.from_json(run_dir / SUMMARY)
     except (OSError, json.JSONDecodeError) as error:
         raise InferenceError(f"{run_dir / SUMMARY} cannot be read ({error}); run `medray train` again") from None
 
 
 def _run_config(run_dir: Path) -> MedrayConfig:
-    summary = read_summary(run_dir)
+    summary = read_run_summary(run_dir)
     try:
-        return MedrayConfig.from_dict(summary["config"])
-    except (KeyError, ConfigError) as error:
+        if not summary.config:
+            raise ConfigError(["summary.json has no `config` section"])
+        return MedrayConfig.from_dict(summary.config)
+    except ConfigError as error:
         raise InferenceError(f"{run_dir / SUMMARY} holds no valid run config ({error})") from None
 
 
@@ -166,8 +169,8 @@ def _adapter_config(adapter_dir: Path) -> MedrayConfig:
 
 def _run_adapter(run_dir: Path) -> Path:
     """The run's best checkpoint (else its latest), also when the run folder was moved since training."""
-    summary = read_summary(run_dir)
-    recorded = [summary.get("best_checkpoint"), summary.get("latest_checkpoint")]
+    summary = read_run_summary(run_dir)
+    recorded = [summary.best_checkpoint, summary.latest_checkpoint]
     for entry in filter(None, recorded):
         entry = Path(entry)
         # Checkpoints are recorded with absolute paths; a copied or moved run folder keeps only their names, and

@@ -8,7 +8,7 @@ Ray datasets. The space and its checks are in `medray.search_space`, the leaderb
 workaround for placement groups that Ray leaves behind in `medray._ray_placement`.
 
     outcome = run_search(load_config("tune-cpu-demo"))
-    print(outcome.summary["best_trial"], outcome.summary["best_config"])
+    print(outcome.summary.best_trial, outcome.summary.best_config)
 
 The search folder `{run.storage_path}/{run.name}/` holds Tune's state, one `tune-{trial}/` folder per trial (its
 reported results), `trials/{run.name}-trial-{trial}/` (each trial's Ray Train run: checkpoints, and for trials that

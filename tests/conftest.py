@@ -146,15 +146,15 @@ def ray_local():
 def save_tiny_run(folder: Path, model_dir: Path, *overrides: str) -> Path:
     """A finished-run folder without training: `summary.json` (the tiny-test config) and a LoRA adapter with random
     non-zero weights as its best checkpoint, so the adapter changes the model's outputs."""
-    import json
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from medray.config import load_config
+    from medray.contracts import RunSummary
 
-    cfg = load_config("jobs/configs/tiny-test.yaml", [f"model.name={model_dir}", *overrides])
+    cfg = load_config("tiny-test", [f"model.name={model_dir}", *overrides])
     checkpoint = folder / "checkpoint_000001" / "checkpoint"
     torch.manual_seed(1)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
@@ -164,8 +164,7 @@ def save_tiny_run(folder: Path, model_dir: Path, *overrides: str) -> Path:
             if "lora_B" in name:
                 parameter.normal_(std=0.05)
     model.save_pretrained(str(checkpoint))
-    summary = {"config": cfg.to_dict(), "best_checkpoint": str(checkpoint), "steps": 6, "metrics": {}}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    RunSummary(config=cfg.to_dict(), best_checkpoint=str(checkpoint), steps=6).to_json(folder / "summary.json")
     return folder
 
 

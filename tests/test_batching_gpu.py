@@ -23,7 +23,7 @@ pytestmark = [
 
 def unsloth_config(model_dir, tmp_path, *overrides: str):
     return load_config(
-        "jobs/configs/tiny-test.yaml",
+        "tiny-test",
         [
             f"model.name={model_dir}",
             "model.backend=unsloth",

@@ -100,3 +100,9 @@ def test_sources_name_every_problem():
 def test_chat_rows_need_the_chat_format():
     with pytest.raises(ConfigError, match="source b holds chat rows, which need data.format=chat"):
         MedrayConfig.from_dict({"data": {"sources": [{"path": "b", "row_format": "messages"}]}})
+
+
+def test_presets_are_found_by_name_and_at_their_old_path():
+    assert resolve_preset("tiny-test") == resolve_preset("tiny-test.yaml") == preset_path("tiny-test")
+    assert resolve_preset("jobs/configs/tiny-test.yaml") == preset_path("tiny-test")
+    assert load_config("cpu-demo").run.name == "medray-demo"

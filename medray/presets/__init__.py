@@ -12,6 +12,8 @@ from importlib.resources import as_file, files
 from pathlib import Path
 
 SUFFIX = ".yaml"
+OLD_FOLDER = "jobs/configs"
+"""Where presets lived before they shipped in the package; `jobs/configs/NAME.yaml` still finds preset NAME."""
 
 
 def preset_names() -> list[str]:
@@ -41,6 +43,8 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     found = preset_path(str(name_or_path))
+    if found is None and path.parent.as_posix().endswith(OLD_FOLDER):  # `jobs/configs/NAME.yaml`, the old home
+        found = preset_path(path.name)
     if found is not None:
         return found
     from medray.config import ConfigError
