@@ -21,7 +21,7 @@ def test_defaults_are_the_reference_recipe():
     assert cfg.train.eval_steps == 200 and cfg.train.early_stopping_patience == 3
     # One departure: the loss covers the completion; the reference preset trains every token, as the recipe did.
     assert cfg.train.loss_on == "completion"
-    assert load_config(PRESETS_DIR / "mistral7b-medical-o1.yaml").train.loss_on == "all"
+    assert load_config("mistral7b-medical-o1").train.loss_on == "all"
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
