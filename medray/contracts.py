@@ -86,7 +86,8 @@ class _Summary(_Record):
     config: dict[str, Any] = field(default_factory=dict)
     """`MedrayConfig.to_dict()` of the run."""
     data: dict[str, Any] = field(default_factory=dict)
-    """`PreparedData.stats`: rows read, per split, truncated, dropped; `tokens_train`."""
+    """`PreparedData.stats`: rows read, per split, truncated, dropped; `tokens_train`, `loss_tokens_train`; and
+    `sources`: per data source its `name`, `row_format`, `weight`, `rows_read`, `rows_train`, `rows_validation`."""
     metrics: dict[str, Any] = field(default_factory=lambda: {"final": {}, "best": {}})
     """`final`: every field's last logged value; `best`: the metrics of the best checkpoint."""
     best_checkpoint: str | None = None

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from medray.cli import resolve_preset
 from medray.config import load_config
+from medray.presets import resolve_preset
 from medray.samples import IGNORE
 
 
@@ -55,11 +55,11 @@ def main() -> None:
         cfg = load_config(preset, [*common, f"train.loss_on={mode}", f"run.name=loss-on-{mode}"])
         started = time.time()
         outcome = run_training(cfg)
-        checkpoint = outcome.summary["latest_checkpoint"] + "/checkpoint"
+        checkpoint = outcome.summary.latest_checkpoint + "/checkpoint"
         scores = _score(_with_adapter(scoring, checkpoint), tokenizer, validation)
         scores["train_wall_s"] = round(time.time() - started, 1)
-        scores["eval_loss_in_run"] = outcome.summary["metrics"]["final"].get("eval_loss")
-        scores["loss_tokens_train"] = outcome.summary["data"].get("loss_tokens_train")
+        scores["eval_loss_in_run"] = outcome.summary.metrics["final"].get("eval_loss")
+        scores["loss_tokens_train"] = outcome.summary.data.get("loss_tokens_train")
         results["runs"][mode] = scores
     print(_table(results))
     Path(args.storage).mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,6 @@ def test_the_reported_validation_loss_covers_the_completion_only(ray_local, tiny
     expected = {name: total / count for name, (total, count) in sums.items()}
     assert abs(expected["completion"] - expected["all"]) > 0.005  # the two settings are told apart
     outcome = run_training(cfg)
-    eval_loss = outcome.summary["metrics"]["final"]["eval_loss"]
+    eval_loss = outcome.summary.metrics["final"]["eval_loss"]
     assert eval_loss == pytest.approx(expected["completion"], abs=5e-4)
-    assert outcome.summary["data"]["loss_tokens_train"] < outcome.summary["data"]["tokens_train"]
+    assert outcome.summary.data["loss_tokens_train"] < outcome.summary.data["tokens_train"]
