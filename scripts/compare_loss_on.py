@@ -91,7 +91,8 @@ def _score(model, tokenizer, rows) -> dict:
         for row in rows:
             ids = torch.tensor([list(row["input_ids"])])
             labels = list(row["labels"])
-            losses = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+            logits = model(input_ids=ids).logits[0, :-1]
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
             answer_from = _after(list(row["input_ids"]), think_end)
             for position, loss in enumerate(losses.tolist(), start=1):  # loss of predicting token `position`
                 sums["all"][0] += loss
