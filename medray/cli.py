@@ -1,8 +1,10 @@
-"""The `medray` command: `medray train|tune|report ...`. `jobs/*.py` call the same functions for `ray job submit`.
+"""The `medray` command: `medray train|tune|report|generate|export ...`; `jobs/*.py` call it for `ray job submit`.
 
 medray train                                   # the offline CPU demo preset (medray/presets/cpu-demo.yaml)
 medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu=true
 medray report ~/medray_results/medray-demo
+medray generate ~/medray_results/medray-demo "What does ST elevation in II, III and aVF mean?"
+medray export ~/medray_results/medray-demo --merged ~/medray-demo-merged
 """
 
 from __future__ import annotations
@@ -67,6 +69,74 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_command(args: argparse.Namespace) -> int:
+    from medray.generate import (
+        answer_file,
+        answer_question,
+        eos_stop_check,
+        read_questions,
+        record_evaluation,
+        settings_for,
+    )
+    from medray.inference import resolve_run
+
+    modes = [args.question is not None, args.questions is not None, args.eos_check]
+    if sum(modes) != 1:
+        raise UserError('give one of: a "question", --questions FILE.jsonl --output OUT.jsonl, or --eos-check')
+    if args.questions is not None and args.output is None:
+        raise UserError("--questions needs --output OUT.jsonl (where the answers go)")
+    run = resolve_run(args.run)  # bad folders fail here, before any model loads
+    settings = settings_for(
+        run,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    if args.question is not None:
+        answer_question(run, args.question, settings, sys.stdout)
+    elif args.questions is not None:
+        rows = read_questions(args.questions, run.config.data.columns.question)
+        totals = answer_file(run, rows, args.output, settings)
+        print(f"{totals['rows']} answers ({totals['stopped_at_eos']} ended with EOS): {args.output}", flush=True)
+    else:
+        check = eos_stop_check(run, settings, limit=args.limit)
+        report = record_evaluation(run.run_dir, "eos_stop", check)
+        print(
+            f"ended with EOS within {check['max_new_tokens']} tokens on held-out rows: base "
+            f"{check['base']['stopped']}/{check['base']['total']}, tuned {check['tuned']['stopped']}/"
+            f"{check['tuned']['total']} | summary.json evaluation.eos_stop | report {report}",
+            flush=True,
+        )
+    return 0
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR_OR_ADAPTER", help="a finished run's folder, or an adapter folder")
+    parser.add_argument("question", nargs="?", help="one question; the answer streams to the terminal")
+    parser.add_argument("--questions", metavar="FILE.jsonl", help="one JSON object per line with a Question")
+    parser.add_argument("--output", metavar="OUT.jsonl", help="where --questions answers go (one JSON line each)")
+    parser.add_argument(
+        "--eos-check", action="store_true", help="base vs tuned: how often each ends with EOS on the held-out rows"
+    )
+    parser.add_argument("--limit", type=int, default=32, help="--eos-check: held-out rows to use (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the run's data.max_length")
+    parser.add_argument("--temperature", type=float, help="0 (default) is greedy; above 0 samples")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (default 1.0)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--batch-size", type=int, help="prompts generated together (default 8)")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from medray.export import export_merged
+    from medray.inference import resolve_run
+
+    out_dir = export_merged(resolve_run(args.run), args.merged, dtype=args.dtype)
+    print(f"merged model: {out_dir} (model card {out_dir / 'README.md'})", flush=True)
+    return 0
+
+
 def _print_outcome(summary: RunSummary) -> None:
     best = summary.metrics["best"]
     print(
@@ -88,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write report.md and loss.png for a finished run")
     report.add_argument("run_dir")
     report.set_defaults(handler=report_command)
+    generate = commands.add_parser("generate", help="answer questions with a finished run's model")
+    add_generate_arguments(generate)
+    generate.set_defaults(handler=generate_command)
+    export = commands.add_parser("export", help="merge a finished run's adapter into its base model (safetensors)")
+    export.add_argument("run", metavar="RUN_DIR_OR_ADAPTER", help="a finished run's folder, or an adapter folder")
+    export.add_argument("--merged", metavar="OUT_DIR", required=True, help="a new folder for the merged model")
+    export.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    export.set_defaults(handler=export_command)
     return parser
 
 

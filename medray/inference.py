@@ -8,8 +8,9 @@ prompts in left-padded batches (greedy by default) and splits each output into r
 
     run = resolve_run("~/medray_results/medray-demo")          # InferenceError on bad input, nothing loaded yet
     model, tokenizer = load_for_inference(run)
-    prompts = [build_prompt(run.config, "What causes a raised troponin?")]
-    [out] = generate_batch(model, tokenizer, prompts, GenerationSettings(max_new_tokens=256))
+    prompts = [build_prompt(run.config, "What causes a raised troponin?", tokenizer)]
+    settings = GenerationSettings(max_new_tokens=256)
+    [out] = generate_batch(model, tokenizer, prompts, settings, add_special_tokens=uses_tokenizer_specials(run.config))
     print(out.reasoning, out.answer, out.stopped_at_eos)
 
 For the base model alone pass `with_adapter=False`, or run the loaded model under `model.disable_adapter()`.
@@ -28,7 +29,7 @@ import torch
 
 from medray.config import ConfigError, MedrayConfig
 from medray.contracts import RunSummary
-from medray.prompts import format_prompt
+from medray.prompts import generation_prompt
 from medray.sources import PYPI_PREFIX, ModelSourceError, parse_pypi_source
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -229,12 +230,11 @@ def load_for_inference(run: RunArtifacts, *, with_adapter: bool = True, device: 
         (model, tokenizer). With the adapter the model is a `PeftModel` (its `disable_adapter()` context gives the
         base model's outputs); on CUDA for an unsloth run it is in Unsloth's fast inference mode.
     """
-    from medray.model import load_tokenizer, resolve_backend
+    from medray.model import load_tokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(device)
     cfg = run.config
-    backend = "hf" if device.type != "cuda" or cfg.model.backend == "hf" else resolve_backend(cfg.model)
-    if backend == "unsloth":
+    if inference_backend(cfg, device) == "unsloth":
         from medray.model import load_unsloth_for_inference
 
         model, tokenizer = load_unsloth_for_inference(cfg, str(run.adapter_dir) if with_adapter else None, device)
@@ -244,6 +244,19 @@ def load_for_inference(run: RunArtifacts, *, with_adapter: bool = True, device: 
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its last real token
     model.eval()
     return model, tokenizer
+
+
+def inference_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, or CUDA when present, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def inference_backend(cfg: MedrayConfig, device: torch.device) -> str:
+    """`unsloth` on CUDA for a run whose backend is unsloth (or auto, with unsloth installed); `hf` otherwise (the
+    adapter is a plain peft adapter, so an Unsloth-trained run also loads on CPU)."""
+    from medray.model import resolve_backend
+
+    return "hf" if device.type != "cuda" or cfg.model.backend == "hf" else resolve_backend(cfg.model)
 
 
 def _load_hf(run: RunArtifacts, with_adapter: bool, device: torch.device):
@@ -262,9 +275,12 @@ def _load_hf(run: RunArtifacts, with_adapter: bool, device: torch.device):
 # --- prompts and generation ----------------------------------------------------------------------------------------
 
 
-def build_prompt(cfg: MedrayConfig, question: str) -> str:
-    """The prompt the run's model completes: its training template filled up to where the reasoning starts."""
-    return format_prompt(question, cfg.data.template)
+def build_prompt(cfg: MedrayConfig, question: str, tokenizer=None) -> str:
+    """The prompt the run's model completes, in the run's own format (`medray.prompts.generation_prompt`): the
+    training template filled up to where the reasoning starts, or (`data.format=chat`) the tokenizer's chat
+    template with the assistant header. Tokenize it with `add_special_tokens=uses_tokenizer_specials(cfg)`, as
+    `generate_batch(..., add_special_tokens=...)` does."""
+    return generation_prompt(cfg, question, tokenizer)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -278,16 +294,24 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def generate_batch(
-    model, tokenizer, prompts: list[str], settings: GenerationSettings, streamer=None
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    settings: GenerationSettings,
+    streamer=None,
+    *,
+    add_special_tokens: bool = True,
 ) -> list[Generation]:
     """Complete `prompts`, `settings.batch_size` at a time (left-padded), in order.
 
     Args:
         model: From `load_for_inference` (or any causal LM on one device).
         tokenizer: Its tokenizer, padding on the left.
-        prompts: Prompt texts (see `build_prompt`), tokenized like the training text (BOS where the tokenizer adds it).
+        prompts: Prompt texts (see `build_prompt`), or prompts already tokenized (lists of token ids).
         settings: Length, sampling and batch size.
         streamer: Optional transformers streamer (e.g. `TextStreamer`) that receives the tokens as they come.
+        add_special_tokens: For texts: whether the tokenizer adds its special tokens (BOS), as the run's training
+            texts had them (`uses_tokenizer_specials(cfg)`: yes for `data.format=template`, no for `chat`).
 
     Returns:
         One `Generation` per prompt.
@@ -296,13 +320,19 @@ def generate_batch(
         torch.manual_seed(settings.seed)
     results: list[Generation] = []
     for start in range(0, len(prompts), settings.batch_size):
-        results += _generate_chunk(model, tokenizer, prompts[start : start + settings.batch_size], settings, streamer)
+        chunk = prompts[start : start + settings.batch_size]
+        results += _generate_chunk(model, tokenizer, chunk, settings, streamer, add_special_tokens)
     return results
 
 
-def _generate_chunk(model, tokenizer, prompts: list[str], settings: GenerationSettings, streamer) -> list[Generation]:
+def _generate_chunk(model, tokenizer, prompts, settings: GenerationSettings, streamer, add_special_tokens: bool):
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    if isinstance(prompts[0], str):
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    else:
+        encoded = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, return_tensors="pt")
+        prompts = tokenizer.batch_decode(prompts)
+    encoded = encoded.to(device)
     sampling = settings.temperature > 0
     options: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens,

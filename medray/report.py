@@ -86,6 +86,9 @@ def render_report(
         "## Time and GPU memory",
         markdown_table(["figure", "value"], time_and_memory_rows(summary, history)),
     ]
+    eos_stop = (getattr(summary, "evaluation", None) or {}).get("eos_stop")
+    if eos_stop:
+        sections += ["## Stopping at EOS", eos_stop_table(eos_stop)]
     if leaderboard:
         sections += [
             "## Tune leaderboard",
@@ -115,6 +118,19 @@ def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir:
     if summary.best_checkpoint:
         lines.append(f"Best checkpoint: `{summary.best_checkpoint}`")
     return "  \n".join(lines)
+
+
+def eos_stop_table(eos_stop: dict[str, Any]) -> str:
+    """Base vs tuned: answers that ended with EOS before `max_new_tokens` (`medray generate --eos-check`)."""
+    rows = [
+        [name, f"{counts['stopped']} / {counts['total']}", f"{100 * counts['stopped'] / max(counts['total'], 1):.0f} %"]
+        for name, counts in (("base", eos_stop["base"]), ("tuned", eos_stop["tuned"]))
+    ]
+    where = "held-out rows" if eos_stop.get("rows") == "held-out" else "rows"
+    return (
+        f"Greedy answers to the run's {where} that ended with EOS within {eos_stop['max_new_tokens']} new tokens.\n\n"
+        + markdown_table(["model", "ended with EOS", "share"], rows)
+    )
 
 
 def config_table(config: dict[str, Any]) -> str:

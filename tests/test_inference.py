@@ -138,6 +138,8 @@ def test_batched_left_padded_generation_matches_one_at_a_time(loaded):
     assert [item.text for item in together] == [item.text for item in alone]
     assert all(item.new_tokens == 8 and not item.stopped_at_eos for item in together)
     assert [item.prompt for item in together] == prompts
+    as_ids = generate_batch(model, tokenizer, [tokenizer(prompt)["input_ids"] for prompt in prompts], settings)
+    assert [item.text for item in as_ids] == [item.text for item in together]  # pre-tokenized prompts, same answers
 
 
 def test_eos_ends_a_completion_and_is_counted(loaded):
