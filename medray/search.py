@@ -38,7 +38,7 @@ from medray._ray_placement import (
     ledger_name,
     start_ledger,
 )
-from medray.config import ConfigError, MedrayConfig, TuneArgs
+from medray.config import ConfigError, MedrayConfig
 from medray.driver import build_trainer, planned_steps, prepare_data, storage_path, write_outcome
 from medray.leaderboard import SearchOutcome, write_search_outcome
 from medray.search_space import (
@@ -55,6 +55,7 @@ from medray.search_space import (
     trial_resources,
 )
 from medray.sources import is_uri
+from medray.tune_config import TuneArgs
 
 logger = logging.getLogger(__name__)
 

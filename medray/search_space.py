@@ -18,8 +18,9 @@ from typing import Any
 
 from ray import tune
 
-from medray.config import ConfigError, MedrayConfig, TuneArgs
+from medray.config import ConfigError, MedrayConfig
 from medray.driver import storage_path
+from medray.tune_config import TuneArgs
 
 WORST_METRIC = 1e30
 """Stands in for a NaN or infinite metric (a diverged trial): ASHA ignores NaN, so it would never stop such a trial."""
