@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir: benchmarks/, medray if not installed
 
-from benchmarks.bench import main  # noqa: E402
+from benchmarks.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

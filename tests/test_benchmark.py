@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks import bench, records, workload
+from benchmarks import bench, cli, records, workload
 from benchmarks import report as bench_report
 from benchmarks.steptimer import count_real_tokens, make_step_timer, step_table, summarize
 from medray.config import MedrayConfig, TrainArgs, load_config
@@ -19,7 +19,7 @@ from medray.worker import _batch_layout
 
 
 def parse(argv: list[str]):
-    return bench.resolve_defaults(bench.build_parser().parse_args(argv), argv)
+    return cli.resolve_defaults(cli.build_parser().parse_args(argv), argv)
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -212,7 +212,7 @@ def test_bad_combinations_are_refused():
 def record(variant, lengths, batch, rate, *, gpus=1, grad_accum=1, peak=6.0, total=None, **extra):
     """A benchmark record with the fields the report reads."""
     fields = {
-        "name": bench.VARIANTS[variant] + (f", {gpus} GPU" if variant == "medray" else ""),
+        "name": records.VARIANTS[variant] + (f", {gpus} GPU" if variant == "medray" else ""),
         "variant": variant,
         "gpus": gpus,
         "batch": batch,
@@ -312,7 +312,7 @@ def test_append_and_merge_records(tmp_path):
     records.append_record(first, {"n": 1})
     records.append_record(first, {"n": 2})
     assert json.loads(first.read_text()) == [{"n": 1}, {"n": 2}]
-    assert bench.main(["--merge", str(first), "--json", str(merged)]) == 0
+    assert cli.main(["--merge", str(first), "--json", str(merged)]) == 0
     assert json.loads(merged.read_text()) == [{"n": 1}, {"n": 2}]
 
 
@@ -324,7 +324,7 @@ def run_dry(tmp_path, model_dir, *extra):
     output = tmp_path / "records.json"
     argv = ["--cpu", "--model-dir", str(model_dir), "--json", str(output), "--peak-file", str(tmp_path / "peak.json")]
     argv += ["--storage", str(tmp_path / "runs"), "--lengths", "real", "--batch", "2", "--grad-accum", "2", *extra]
-    assert bench.main(argv) == 0
+    assert cli.main(argv) == 0
     return json.loads(output.read_text())[-1]
 
 
