@@ -6,6 +6,7 @@
     steptimer.py  per-step wall time and real tokens; attaches to medray's workers as an extension
     records.py    one run's JSON record
     report.py     docs/benchmarks.json -> docs/benchmarks.md
+    generate_speed.py  generation speed of a trained run (medray.generate)
 
 Run it with `python jobs/benchmark.py ...` (see its docstring) or `ray job submit --working-dir . -- python
 jobs/benchmark.py ...`.
