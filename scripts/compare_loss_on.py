@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-max-length", type=int, default=1024)
     parser.add_argument("--storage", default="/tmp/medray-loss-on")
+    parser.add_argument("--runs", default="untrained,completion,all", help="which of untrained, completion, all")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     import ray
@@ -48,10 +49,12 @@ def main() -> None:
     preset = resolve_preset(args.config)
     scoring = load_config(preset, [*common, "train.loss_on=completion", f"data.max_length={args.eval_max_length}"])
     validation = prepare_data(scoring).validation.take_all()
+    runs = args.runs.split(",")
     results = {"command_overrides": common, "validation_rows": len(validation), "runs": {}}
     tokenizer, base = _load_base(scoring)
-    results["runs"]["untrained"] = _score(base, tokenizer, validation)
-    for mode in ("completion", "all"):
+    if "untrained" in runs:
+        results["runs"]["untrained"] = _score(base, tokenizer, validation)
+    for mode in [run for run in runs if run in ("completion", "all")]:
         cfg = load_config(preset, [*common, f"train.loss_on={mode}", f"run.name=loss-on-{mode}"])
         started = time.time()
         outcome = run_training(cfg)
@@ -63,7 +66,7 @@ def main() -> None:
         results["runs"][mode] = scores
     print(_table(results))
     Path(args.storage).mkdir(parents=True, exist_ok=True)
-    (Path(args.storage) / "compare_loss_on.json").write_text(json.dumps(results, indent=1))
+    (Path(args.storage) / f"compare_loss_on-{'-'.join(runs)}.json").write_text(json.dumps(results, indent=1))
 
 
 def _load_base(cfg):
