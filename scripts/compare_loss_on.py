@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from medray.config import load_config
+from medray.contracts import read_summary
 from medray.presets import resolve_preset
 from medray.samples import IGNORE
 
@@ -57,12 +58,14 @@ def main() -> None:
     for mode in [run for run in runs if run in ("completion", "all")]:
         cfg = load_config(preset, [*common, f"train.loss_on={mode}", f"run.name=loss-on-{mode}"])
         started = time.time()
-        outcome = run_training(cfg)
-        checkpoint = outcome.summary.latest_checkpoint + "/checkpoint"
+        finished = Path(args.storage) / cfg.run.name / "summary.json"
+        # A run that finished earlier (same storage and name) is scored again, not trained again.
+        summary = read_summary(finished) if finished.is_file() else run_training(cfg).summary
+        checkpoint = summary.latest_checkpoint + "/checkpoint"
         scores = _score(_with_adapter(scoring, checkpoint), tokenizer, validation)
-        scores["train_wall_s"] = round(time.time() - started, 1)
-        scores["eval_loss_in_run"] = outcome.summary.metrics["final"].get("eval_loss")
-        scores["loss_tokens_train"] = outcome.summary.data.get("loss_tokens_train")
+        scores["train_wall_s"] = round(time.time() - started, 1) if not finished.is_file() else None
+        scores["eval_loss_in_run"] = summary.metrics["final"].get("eval_loss")
+        scores["loss_tokens_train"] = summary.data.get("loss_tokens_train")
         results["runs"][mode] = scores
     print(_table(results))
     Path(args.storage).mkdir(parents=True, exist_ok=True)
