@@ -60,10 +60,11 @@ def main() -> None:
         started = time.time()
         finished = Path(args.storage) / cfg.run.name / "summary.json"
         # A run that finished earlier (same storage and name) is scored again, not trained again.
-        summary = read_summary(finished) if finished.is_file() else run_training(cfg).summary
+        reused = finished.is_file()
+        summary = read_summary(finished) if reused else run_training(cfg).summary
         checkpoint = summary.latest_checkpoint + "/checkpoint"
         scores = _score(_with_adapter(scoring, checkpoint), tokenizer, validation)
-        scores["train_wall_s"] = round(time.time() - started, 1) if not finished.is_file() else None
+        scores["train_wall_s"] = None if reused else round(time.time() - started, 1)
         scores["eval_loss_in_run"] = summary.metrics["final"].get("eval_loss")
         scores["loss_tokens_train"] = summary.data.get("loss_tokens_train")
         results["runs"][mode] = scores
