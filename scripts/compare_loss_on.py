@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from medray.driver import prepare_data, run_training
+    from medray.driver import prepare_data
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     common = [
@@ -53,24 +53,31 @@ def main() -> None:
     runs = args.runs.split(",")
     results = {"command_overrides": common, "validation_rows": len(validation), "runs": {}}
     tokenizer, base = _load_base(scoring)
-    if "untrained" in runs:
-        results["runs"]["untrained"] = _score(base, tokenizer, validation)
-    for mode in [run for run in runs if run in ("completion", "all")]:
-        cfg = load_config(preset, [*common, f"train.loss_on={mode}", f"run.name=loss-on-{mode}"])
-        started = time.time()
-        finished = Path(args.storage) / cfg.run.name / "summary.json"
-        # A run that finished earlier (same storage and name) is scored again, not trained again.
-        reused = finished.is_file()
-        summary = read_summary(finished) if reused else run_training(cfg).summary
-        checkpoint = summary.latest_checkpoint + "/checkpoint"
-        scores = _score(_with_adapter(scoring, checkpoint), tokenizer, validation)
-        scores["train_wall_s"] = None if reused else round(time.time() - started, 1)
-        scores["eval_loss_in_run"] = summary.metrics["final"].get("eval_loss")
-        scores["loss_tokens_train"] = summary.data.get("loss_tokens_train")
-        results["runs"][mode] = scores
+    output = Path(args.storage) / f"compare_loss_on-{'-'.join(runs)}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for name in runs:
+        if name == "untrained":
+            results["runs"][name] = _score(base, tokenizer, validation)
+        else:
+            results["runs"][name] = _train_and_score(preset, common, name, args.storage, scoring, tokenizer, validation)
+        output.write_text(json.dumps(results, indent=1))  # after every run, so a stopped comparison keeps its figures
     print(_table(results))
-    Path(args.storage).mkdir(parents=True, exist_ok=True)
-    (Path(args.storage) / f"compare_loss_on-{'-'.join(runs)}.json").write_text(json.dumps(results, indent=1))
+
+
+def _train_and_score(preset, common, mode, storage, scoring, tokenizer, validation) -> dict:
+    """Train with `train.loss_on=mode` (or reuse a run that finished in `storage`), then score its last adapter."""
+    from medray.driver import run_training
+
+    cfg = load_config(preset, [*common, f"train.loss_on={mode}", f"run.name=loss-on-{mode}"])
+    started = time.time()
+    finished = Path(storage) / cfg.run.name / "summary.json"
+    reused = finished.is_file()
+    summary = read_summary(finished) if reused else run_training(cfg).summary
+    scores = _score(_with_adapter(scoring, summary.latest_checkpoint + "/checkpoint"), tokenizer, validation)
+    scores["train_wall_s"] = None if reused else round(time.time() - started, 1)
+    scores["eval_loss_in_run"] = summary.metrics["final"].get("eval_loss")
+    scores["loss_tokens_train"] = summary.data.get("loss_tokens_train")
+    return scores
 
 
 def _load_base(cfg):
