@@ -152,7 +152,13 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     restore()
     peak_gb = torch.cuda.max_memory_reserved() / GIB if cuda else None
-    extra = {"backend": backend, "load_s": round(load_s, 1), "trainer": type(trainer).__mro__[1].__name__}
+    extra = {
+        "backend": backend,
+        "load_s": round(load_s, 1),
+        "trainer": type(trainer).__mro__[1].__name__,
+        # What TRL / Unsloth chose for a pre-tokenized dataset: their collator builds the batches here.
+        "batch_layout": "padding_free" if getattr(trainer.args, "padding_free", False) else "padded",
+    }
     if args.eval_rows:
         extra["eval"] = measure_eval(trainer, args, cuda)
     return make_record(args, [(timer.records, peak_gb)], peak_tflops(args), extra)
@@ -257,7 +263,7 @@ def run_medray(args: argparse.Namespace) -> dict[str, Any]:
     returned = result.return_value
     workers = sorted(returned.extensions[steptimer.EXTENSION], key=lambda worker: worker["rank"])
     per_rank = [(worker["step_times"], worker.get("peak_reserved_gb")) for worker in workers]
-    extra = {"backend": returned.backend, "gpu": workers[0].get("gpu")}
+    extra = {"backend": returned.backend, "gpu": workers[0].get("gpu"), "batch_layout": returned.batch_layout}
     record = make_record(args, per_rank, peak_tflops(args), extra)
     loop_s = record["loop_s"]
     record["startup"] = {

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.reference_run import REFERENCE_RUN, reference_line, reference_section
 from medray.report import markdown_table
 
 REFERENCE = {"train_rows": 17_733, "mean_tokens": 892, "evaluations": 5, "eval_rows": 1_971, "effective_batch": 16}
@@ -38,9 +39,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (variant, GPUs, batch, grad-accum, lengths, seq len, knobs): the last one written."""
+    """One record per (variant, GPUs, batch, grad-accum, lengths, seq len, knobs): the last one written. The
+    reference-run records (`benchmarks/reference_run.py`) have their own section and are left out."""
     kept: dict[str, dict] = {}
     for record in records:
+        if record["variant"] == REFERENCE_RUN:
+            continue
         knobs = {key: value for key, value in record.get("knobs", {}).items() if key != "profile"}
         key = json.dumps(
             [record[k] for k in ("variant", "gpus", "batch", "grad_accum", "lengths", "seq_len")] + [knobs]
@@ -50,7 +54,7 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(kept.values())
 
 
-def pick(records, variant: str, lengths: str, *, gpus=None, batch=None, effective=None) -> dict | None:
+def pick(records, variant: str, lengths: str, *, gpus=None, batch=None, accum=None, effective=None) -> dict | None:
     """The fastest (tokens/s per GPU) record matching; `effective` is batch x grad-accum x GPUs."""
     matches = [
         record
@@ -59,6 +63,7 @@ def pick(records, variant: str, lengths: str, *, gpus=None, batch=None, effectiv
         and record["lengths"] == lengths
         and (gpus is None or record["gpus"] == gpus)
         and (batch is None or record["batch"] == batch)
+        and (accum is None or record["grad_accum"] == accum)
         and (effective is None or record["batch"] * record["grad_accum"] * record["gpus"] == effective)
         and record.get("tokens_per_s_per_gpu")
     ]
@@ -88,10 +93,10 @@ def label(record: dict[str, Any]) -> str:
 
 def floor_checks(records: list[dict[str, Any]]) -> list[tuple[str, float | None, str, bool | None]]:
     """(check, measured ratio, floor, passed) for every floor of the issue that the records allow."""
-    a1 = pick(records, "medray", "full", gpus=1, batch=4)
-    a2 = pick(records, "medray", "full", gpus=2, batch=4)
-    b = pick(records, "bare", "full", batch=4)
-    c = pick(records, "peft", "full", batch=4)
+    a1 = pick(records, "medray", "full", gpus=1, batch=4, accum=1)
+    a2 = pick(records, "medray", "full", gpus=2, batch=4, accum=1)
+    b = pick(records, "bare", "full", batch=4, accum=1)
+    c = pick(records, "peft", "full", batch=4, accum=1)
     checks = [
         ("(a) 1 GPU / (b), tokens/s per GPU, full rows", _ratio(a1, b, "tokens_per_s_per_gpu"), ">=", 0.98),
         ("(a) 2 GPUs / (b), tokens/s per GPU, full rows", _ratio(a2, b, "tokens_per_s_per_gpu"), ">=", 0.98),
@@ -99,15 +104,31 @@ def floor_checks(records: list[dict[str, Any]]) -> list[tuple[str, float | None,
         ("(a) / (c), peak reserved memory", _ratio(a1, c, "peak_reserved_gb"), "<=", 0.5),
         ("(a) 2 GPUs / 1 GPU, total tokens/s", _ratio(a2, a1, "tokens_per_s_total"), ">=", 1.94),
     ]
-    batches = sorted({record["batch"] for record in records if record["variant"] == "medray"})
-    for batch in batches:
-        real = pick(records, "medray", "real", gpus=1, batch=batch)
-        if real is None:
-            continue
-        full = pick(records, "bare", "full", batch=batch)
-        name = f"(a) real rows / (b) full rows, micro-batch {batch}: {label(real)}"
-        checks.append((name, _ratio(real, full, "tokens_per_s_per_gpu"), ">=", 0.9))
+    checks += real_length_checks(records)
     return [(name, value, f"{sign} {bound}", _passes(value, sign, bound)) for name, value, sign, bound in checks]
+
+
+def real_length_checks(records: list[dict[str, Any]]) -> list[tuple[str, float | None, str, float]]:
+    """Issue 13's floors: medray against bare Unsloth at the same shape on real-length rows (tokens/s and peak
+    memory), medray's real-length rate against its own full-row rate at micro-batch 4, full rows at 4 x 4."""
+    checks = []
+    for batch, accum in sorted({(r["batch"], r["grad_accum"]) for r in records if r["variant"] == "medray"}):
+        medray = pick(records, "medray", "real", gpus=1, batch=batch, accum=accum)
+        bare = pick(records, "bare", "real", batch=batch, accum=accum)
+        if medray is None:
+            continue
+        shape = f"real rows {batch} x {accum}: {label(medray)}"
+        checks.append((f"(a) / (b), tokens/s, {shape}", _ratio(medray, bare, "tokens_per_s_per_gpu"), ">=", 1.0))
+        checks.append((f"(a) / (b), peak reserved, {shape}", _ratio(medray, bare, "peak_reserved_gb"), "<=", 1.05))
+        own_full = pick(records, "medray", "full", gpus=1, batch=4)
+        name = f"(a) real rows {batch} x {accum} / (a) full rows micro-batch 4, tokens/s"
+        checks.append((name, _ratio(medray, own_full, "tokens_per_s_per_gpu"), ">=", 0.9))
+    medray_full = pick(records, "medray", "full", gpus=1, batch=4, accum=4)
+    if medray_full is not None:
+        bare_full = pick(records, "bare", "full", batch=4, accum=4)
+        checks.append(("(a) / (b), tokens/s, full rows 4 x 4", _ratio(medray_full, bare_full, "tokens_per_s_per_gpu"),
+                       ">=", 0.98))  # fmt: skip
+    return checks
 
 
 def _ratio(top: dict | None, bottom: dict | None, field: str) -> float | None:
@@ -186,15 +207,18 @@ def projections(records, extra_startup_s: float = 0.0) -> tuple[list[dict[str, A
 
 def render(records: list[dict[str, Any]], extra_startup_s: float = 0.0) -> str:
     """The whole of docs/benchmarks.md."""
+    measured = reference_section(records)
     records = latest(records)
     if not records:
-        return "# Benchmarks\n\nNo records yet: run `bash tests/gpu/run.sh BUNDLE` on the GPU machine.\n"
+        empty = "# Benchmarks\n\nNo throughput records yet: run `bash tests/gpu/run.sh BUNDLE` on the GPU machine.\n"
+        return empty + (f"\n{measured}\n" if measured else "")
     parts = [_header(records)]
     for lengths in ("full", "real"):
         chosen = [record for record in records if record["lengths"] == lengths]
         if chosen:
             parts.append(f"## {LENGTH_TITLES[lengths]}\n\n{_results_table(chosen)}")
     parts.append("## Floors\n\n" + _floors_table(floor_checks(records)))
+    parts += [measured] if measured else []
     parts.append(_projection_section(records, extra_startup_s))
     parts.append("## Commands\n\n" + "\n".join(f"    {command}" for command in _commands(records)))
     return "\n\n".join(parts) + "\n"
@@ -302,8 +326,10 @@ def _projection_section(records, extra_startup_s: float) -> str:
 
 def summary_text(json_path: str | Path, extra_startup_s: float = 0.0) -> str:
     """A compact stdout summary: one line per record (with its slowest timed step), the floors, the projection."""
-    records = latest(load_records(json_path))
+    everything = load_records(json_path)
+    records = latest(everything)
     lines = [_summary_line(record) for record in records]
+    lines += [reference_line(record) for record in everything if record["variant"] == REFERENCE_RUN][-1:]
     lines += [
         f"FLOOR {name}: {'missing' if v is None else f'{v:.3f}'} {floor} {_verdict(ok)}"
         for name, v, floor, ok in floor_checks(records)

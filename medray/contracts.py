@@ -127,6 +127,8 @@ class RunSummary(_Summary):
     best_step: int | None = None
     resumed_from_step: int | None = None
     backend: str | None = None
+    batch_layout: str | None = None
+    """The micro-batch layout that trained: `padding_free` or `padded` (`train.padding`, medray.batching)."""
     world_size: int | None = None
     node_ids: list[str] = field(default_factory=list)
     train_runtime_s: float | None = None

@@ -170,6 +170,7 @@ def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: f
         best_step=returned.best_step,
         resumed_from_step=returned.resumed_from_step,
         backend=returned.backend,
+        batch_layout=returned.batch_layout,
         world_size=returned.world_size,
         node_ids=returned.node_ids,
         train_runtime_s=returned.train_runtime_s,

@@ -94,17 +94,21 @@ def test_no_row_attends_across_a_boundary_under_unsloth(unsloth_model):
 def test_the_workers_trainer_stays_padding_free_and_trains(unsloth_model, tmp_path, capfd):
     import ray.data
 
+    from medray.contracts import WorkerPlan
     from medray.worker import _build_trainer
 
     cfg, model, tokenizer = unsloth_model
     rows = [{"input_ids": ids.tolist(), "length": len(ids)} for ids in rows_of(tokenizer) * 8]
     shard = ray.data.from_items(rows).iterator()
-    plan = {"max_steps": 3, "run_id": "padding-free-gpu", "rank": 0, "has_validation": False}
-    trainer = _build_trainer(cfg, plan, model, tokenizer, "unsloth", shard, None)
+    plan = WorkerPlan(run_id="padding-free-gpu", max_steps=3, has_validation=False)
+    trainer = _build_trainer(cfg, plan, 0, model, tokenizer, "unsloth", shard, None)
     printed = capfd.readouterr().out
     assert "Turning padding-free batching off" not in printed
     assert trainer.args.padding_free is True and trainer.batch_layout == "padding_free"
     first = next(iter(trainer.get_train_dataloader()))
     assert first["input_ids"].shape[0] == 1 and first["packed_seq_lengths"].numel() == cfg.train.per_device_batch_size
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    trainer.remove_callback(RayTrainReportCallback)  # it reports to Ray Train, which this test runs without
     output = trainer.train()
     assert trainer.state.global_step == 3 and np.isfinite(output.training_loss)

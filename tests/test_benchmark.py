@@ -259,7 +259,34 @@ def fixture_records():
         record("medray", "real", 4, 9800.0, grad_accum=4, knobs=padded, startup={"startup_s": 100.0}),
         record("medray", "real", 16, 10000.0, startup={"startup_s": 100.0}, warmup_extra_s=20.0),
         record("medray", "real", 8, 9800.0, gpus=2, startup={"startup_s": 120.0}, warmup_extra_s=25.0),
+        record("bare", "real", 4, 9700.0, grad_accum=4, peak=5.9),
+        record("medray", "full", 4, 10900.0, grad_accum=4),
+        record("bare", "full", 4, 11000.0, grad_accum=4),
+        REFERENCE_RECORD,
     ]
+
+
+REFERENCE_RECORD = {
+    "variant": "reference_run",
+    "gpus": 1,
+    "batch": 4,
+    "grad_accum": 4,
+    "measured_steps": 200,
+    "measured_seconds": 300.0,
+    "step_seconds": 1.45,
+    "warmup_extra_seconds": 10.0,
+    "eval_seconds": 60.0,
+    "eval_rows": 1971,
+    "checkpoint_seconds": 2.0,
+    "startup_seconds": 90.0,
+    "projected_minutes": 34.2,
+    "batch_layout": "padding_free",
+    "row_lengths": {"n": 500, "mean": 888.0, "median": 880.0, "p90": 1129.0, "min": 343, "max": 1424},
+    "padding_free_off_printed": False,
+    "date": "2026-12-03",
+    "gpu": "NVIDIA H200",
+    "command": "python benchmarks/reference_run.py --model-dir /tmp/m7b",
+}
 
 
 def test_report_tables_floors_and_projection(tmp_path, fixture_records):
@@ -278,8 +305,17 @@ def test_report_tables_floors_and_projection(tmp_path, fixture_records):
     assert "| (a) / (c), tokens/s, full rows | 1.733 | >= 1.7 | pass |" in floors
     assert "| (a) / (c), peak reserved memory | 0.507 | <= 0.5 | **FAIL** |" in floors
     assert "| (a) 2 GPUs / 1 GPU, total tokens/s | 1.964 | >= 1.94 | pass |" in floors
-    assert "micro-batch 4: medray real 4x4 (padded, sorted, pad 64) | 0.906 | >= 0.9 | pass |" in floors
-    assert "micro-batch 16: medray real 16x1 (default) | 0.902 | >= 0.9 | pass |" in floors
+    real_4x4 = "real rows 4 x 4: medray real 4x4 (padded, sorted, pad 64)"
+    assert f"| (a) / (b), tokens/s, {real_4x4} | 1.010 | >= 1.0 | pass |" in floors
+    assert f"| (a) / (b), peak reserved, {real_4x4} | 1.017 | <= 1.05 | pass |" in floors
+    assert "| (a) real rows 4 x 4 / (a) full rows micro-batch 4, tokens/s | 0.899 | >= 0.9 | **FAIL** |" in floors
+    assert "| (a) / (b), tokens/s, real rows 16 x 1: medray real 16x1 (default) | 1.073 | >= 1.0 | pass |" in floors
+    assert "| (a) real rows 16 x 1 / (a) full rows micro-batch 4, tokens/s | 0.917 | >= 0.9 | pass |" in floors
+    assert "| (a) / (b), tokens/s, full rows 4 x 4 | 0.991 | >= 0.98 | pass |" in floors
+    measured = text.split("## Reference run measured through `medray train` (1 GPU)")[1].split("## Projected")[0]
+    assert "| **full run, projected** | **34.2 min** | floor 30, goal 25 |" in measured
+    assert "| evaluation of 1,971 rows | 60 s | 5 x |" in measured
+    assert "Floor (<= 30 min on one GPU): **FAIL**" in measured
     projection = text.split("## Projected reference run")[1]
     # 1 GPU: 17,733 x 892 / 10,000 + 20 = 1,601.8 s; eval 8,790,660 / 30,000 = 293.0 s; start-up 100 s
     assert "| total | **33.2 min (1,995 s)** | **18.3 min (1,099 s)** |" in projection
@@ -299,7 +335,8 @@ def test_projection_estimates_evaluation_when_none_was_measured(fixture_records)
 
 
 def test_empty_report_and_summary(tmp_path, fixture_records):
-    assert "No records yet" in bench_report.render([])
+    assert "No throughput records yet" in bench_report.render([])
+    assert "## Reference run measured" in bench_report.render([REFERENCE_RECORD])
     source = tmp_path / "b.json"
     source.write_text(json.dumps(fixture_records))
     summary = bench_report.summary_text(source)

@@ -58,7 +58,7 @@ def test_step_count_is_exact_for_two_workers(two_worker_run):
     # One model trained by both workers (DDP), not two models trained side by side.
     assert facts[0]["trainer_world_size"] == 2
     assert facts[0]["wrapped_model"] == "DistributedDataParallel"
-    assert outcome.result.return_value.batch_layout == "padding_free"
+    assert outcome.result.return_value.batch_layout == summary.batch_layout == "padding_free"
     # Each worker read its own half exactly once: a second sharding would have made it loop over its data.
     assert [rank["train_data_passes"] for rank in facts] == [1, 1]
 

@@ -31,11 +31,18 @@ bench() {
   local rc=$?
   echo "== $name rc=$rc in $((SECONDS - t0)) s (limit $limit s), at $((SECONDS - START)) s"
   grep -a "^RESULT" "$O/$name.log" | cut -c1-300
+  unsloth_layout_lines "$O/$name.log"
   if [ $rc -ne 0 ]; then
     grep -a -E "Error|Traceback|error:" "$O/$name.log" | grep -v -E "kernels-community|PlacementGroupCleaner" \
       | tail -n 8 | cut -c1-400
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader  # anything left holding a GPU?
   fi
+}
+
+# What Unsloth said about the batch layout in a log (a medray run must never show "Turning padding-free ... off").
+unsloth_layout_lines() {
+  local pattern="Turning padding-free batching off|Padding-free (auto-)?enabled|Padded batches \+ per-block compile"
+  grep -a -o -E "$pattern" "$1" | sort | uniq -c | sed "s|^|   unsloth layout: |"
 }
 
 # Build /tmp/m7b (random weights, Mistral-7B v0.3 config and tokenizer) once, and measure the bf16 matmul peak once.

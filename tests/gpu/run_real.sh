@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# The real-length rows of docs/benchmarks.md (and the search for the real-length gap), on the 2 x H200 machine, in
-# one call of under 9 minutes:
-#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz [runs|knobs] [DEADLINE_S]      (from the repo root)
-# Real-length rows: Normal(892, 177) clipped to [300, 1423], at the reference effective batch of 16; 30 steps, the
-# last 25 timed.
+# Issue 13's GPU figures: real-length rows side by side, the evaluation, and the reference run through `medray
+# train`. Two calls of under 9 minutes each (from the repo root; the bundle: ../shared/gpu/make-bundle.sh):
 #
-# runs (default):
-#   at once: GPU 0 bare Unsloth 16 x 1 (plus a timed evaluation of 64 rows, and one profiled step);
-#            GPU 1 bare Unsloth 4 x 4;
-#   at once: GPU 0 medray 1 GPU 16 x 1; GPU 1 medray 1 GPU 4 x 4;
-#   then medray on both GPUs, 8 x 1 per GPU (effective 16, the same 1,108 optimizer steps an epoch).
-#   The medray runs take $KNOBS, e.g. KNOBS="--padding padded --sort-lengths --pad-multiple 64" (the best of `knobs`).
-# knobs: bare Unsloth 4 x 4 under six settings, two at a time (bare honours the knobs without any medray change):
-#   default (Unsloth picks padding-free) | padded + length-sorted micro-batches    (both with one profiled step)
-#   padded + sorted + pad to 64          | padded + sorted + pad to 128 + per-block CUDA graphs (<= 12 shapes)
-#   padding-free padded to 128           | padded + sorted with the per-block compile off
-#   A profiled step's kernel time far below its wall time means the GPU waited for the host (launch-bound).
+#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz side [DEADLINE_S]        # 2 x H200 (nvidia-h200-x2), ~470 s
+#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz reference [DEADLINE_S]   # 1 x H200, ~500 s
+#
+# side: one process per run, GPU 0 | GPU 1 at once, bare Unsloth beside medray (1 GPU) at the same shape:
+#   real-length rows 4 x 4 (the bare run also times an evaluation of 1,971 real-length rows at micro-batch 4,
+#   the reference shape) | real-length 16 x 1 | full 2048-token rows 4 x 4. Real-length rows: Normal(892, 177)
+#   clipped to [300, 1423]; 30 steps, the last 25 timed; full rows 18 steps, the last 15 timed. medray runs take
+#   $KNOBS (default none: train.padding=auto, padding-free on Unsloth).
+# reference: `benchmarks/reference_run.py`: start-up, 200 optimizer steps of 16 real-length rows, one evaluation of
+#   1,971 rows, one checkpoint, all in one `medray train` process on the 7B-shape random model; the full run
+#   (1,108 steps, 5 evaluations, 6 checkpoints) projected from those parts.
+# knobs (the earlier search, bare only): Unsloth's own layout choices at 4 x 4, two at a time.
+# Everything goes to $OUT (benchmarks.json, benchmarks.md, one log per run); the last lines are the summary.
 set -u
-BUNDLE=${1:?usage: bash tests/gpu/run_real.sh BUNDLE [runs|knobs] [DEADLINE_S]}
-MODE=${2:-runs}
+BUNDLE=${1:?usage: bash tests/gpu/run_real.sh BUNDLE [side|reference|knobs] [DEADLINE_S]}
+MODE=${2:-side}
 DEADLINE=${3:-530}
 KNOBS=${KNOBS:-}
 START=$SECONDS
@@ -28,28 +27,40 @@ source tests/gpu/bench_lib.sh
 prepare
 
 REAL=(--lengths real --steps 30 --warmup 5)  # lengths vary step to step: time more steps than on full rows
-if [ "$MODE" = knobs ]; then
-  SORTED=(--padding padded --sort-lengths)
-  K=(--variant bare --lengths real --steps 15 --batch 4 --grad-accum 4)
-  bench knob_default 0 160 "${K[@]}" --profile &
-  bench knob_padded 1 160 "${K[@]}" "${SORTED[@]}" --profile &
-  wait
-  bench knob_padded_64 0 160 "${K[@]}" "${SORTED[@]}" --pad-multiple 64 &
-  bench knob_padded_graphs 1 160 "${K[@]}" "${SORTED[@]}" --pad-multiple 128 --env UNSLOTH_BLOCK_CUDAGRAPHS=1 \
-    --env UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES=12 &
-  wait
-  bench knob_free_128 0 160 "${K[@]}" --pad-multiple 128 &
-  bench knob_padded_eager 1 160 "${K[@]}" "${SORTED[@]}" --env UNSLOTH_BLOCK_COMPILE=0 &
-  wait
-else
-  # shellcheck disable=SC2206  # KNOBS is a list of flags
-  MEDRAY_KNOBS=($KNOBS)
-  bench bare_real_16 0 200 --variant bare "${REAL[@]}" --batch 16 --grad-accum 1 --eval-rows 64 --profile &
-  bench bare_real_4x4 1 200 --variant bare "${REAL[@]}" --batch 4 --grad-accum 4 &
-  wait
-  bench medray1_real_16 0 240 --variant medray --gpus 1 "${REAL[@]}" --batch 16 --grad-accum 1 "${MEDRAY_KNOBS[@]}" &
-  bench medray1_real_4x4 1 240 --variant medray --gpus 1 "${REAL[@]}" --batch 4 --grad-accum 4 "${MEDRAY_KNOBS[@]}" &
-  wait
-  bench medray2_real_8 0,1 260 --variant medray --gpus 2 "${REAL[@]}" --batch 8 --grad-accum 1 "${MEDRAY_KNOBS[@]}"
-fi
+FULL=(--lengths full --steps 18 --warmup 3)
+# shellcheck disable=SC2206  # KNOBS is a list of flags
+MEDRAY=(--variant medray --gpus 1 $KNOBS)
+case "$MODE" in
+  side)
+    bench bare_real_4x4 0 230 --variant bare "${REAL[@]}" --batch 4 --grad-accum 4 --eval-rows 1971 &
+    bench medray1_real_4x4 1 230 "${MEDRAY[@]}" "${REAL[@]}" --batch 4 --grad-accum 4 &
+    wait
+    bench bare_real_16 0 200 --variant bare "${REAL[@]}" --batch 16 --grad-accum 1 &
+    bench medray1_real_16 1 200 "${MEDRAY[@]}" "${REAL[@]}" --batch 16 --grad-accum 1 &
+    wait
+    bench bare_full_4x4 0 200 --variant bare "${FULL[@]}" --batch 4 --grad-accum 4 &
+    bench medray1_full_4x4 1 200 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4 &
+    wait
+    ;;
+  reference)
+    limit=$(( $(left) - 15 ))
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$limit" "${PYTHON:-python3}" "$REPO/benchmarks/reference_run.py" \
+      --model-dir "$MODEL_DIR" --json "$O/benchmarks.json" --log "$O/reference_run.log" ${REFERENCE_EXTRA:-}) \
+      > "$O/reference.log" 2>&1
+    echo "== reference rc=$? at $((SECONDS - START)) s"
+    grep -a -E "^RESULT|failed" "$O/reference.log" | cut -c1-1500
+    unsloth_layout_lines "$O/reference_run.log"
+    ;;
+  knobs)
+    SORTED=(--padding padded --sort-lengths)
+    K=(--variant bare --lengths real --steps 15 --batch 4 --grad-accum 4)
+    bench knob_default 0 160 "${K[@]}" --profile &
+    bench knob_padded 1 160 "${K[@]}" "${SORTED[@]}" --profile &
+    wait
+    bench knob_padded_64 0 160 "${K[@]}" "${SORTED[@]}" --pad-multiple 64 &
+    bench knob_free_128 1 160 "${K[@]}" --pad-multiple 128 &
+    wait
+    ;;
+  *) echo "unknown mode $MODE: side, reference or knobs"; exit 2 ;;
+esac
 summary
