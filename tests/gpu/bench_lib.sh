@@ -53,7 +53,7 @@ prepare() {
       > "$O/build.log" 2>&1
     echo "build rc=$? at $((SECONDS - START)) s"; grep -a "^BUILT" "$O/build.log" | cut -c1-300
   fi
-  if [ ! -f "$O/peak.json" ]; then
+  if [ ! -f "$O/peak.json" ] && [ -z "${NO_PEAK:-}" ]; then  # NO_PEAK: runs that record no MFU
     CUDA_VISIBLE_DEVICES=0 timeout -k 5 90 "${J[@]}" --measure-peak --peak-file "$O/peak.json" "${EXTRA[@]}" \
       > "$O/peak.log" 2>&1
   fi
