@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from medray.config import ConfigError, MedrayConfig, load_config
 from medray.contracts import RunSummary
@@ -61,11 +60,14 @@ def tune_command(args: argparse.Namespace) -> int:
 
 def report_command(args: argparse.Namespace) -> int:
     from medray.report import write_report
+    from medray.storage import StorageFolder, join
 
-    run_dir = Path(args.run_dir).expanduser()
-    if not (run_dir / "summary.json").is_file():
-        raise UserError(f"{run_dir} holds no summary.json; pass the folder of a finished medray run")
-    print(f"report: {write_report(run_dir)}")
+    folder = StorageFolder.of(args.run_dir)  # a local folder or one in object storage (s3://...)
+    if not folder.exists("summary.json"):
+        raise UserError(f"{folder.uri} holds no summary.json; pass the folder of a finished medray run")
+    with folder.staged(fetch=["summary.json", "history.json", "leaderboard.csv"]) as local:
+        report = write_report(local, location=folder.uri)
+    print(f"report: {join(folder.uri, report.name)}")
     return 0
 
 

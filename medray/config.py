@@ -270,6 +270,9 @@ class RunArgs(Section):
     """Keep the best N checkpoints by validation loss."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts on failure (-1: unlimited)."""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: TensorBoard events in the run folder; MLflow to `MLFLOW_TRACKING_URI`; W&B (see
+    docs/tracking.md)."""
 
 
 class MedrayConfig(Section):

@@ -49,8 +49,9 @@ class WorkerPlan(_Record):
     """Whether a validation split exists: evaluation, best-checkpoint selection and early stopping need one."""
     trial: str | None = None
     """The Ray Tune trial id, or None outside a search."""
-    tensorboard_dir: str | None = None
-    """Local folder for TensorBoard event files, or None (storage is a URI)."""
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """The trackers' plan (`medray.tracking.worker_plan`): `report_to`, `run_name`, log folders (local paths or
+    URIs), the non-secret variables the workers set. Empty: report to nothing."""
     extensions: list[str] = field(default_factory=list)
     """Import paths (`package.module:function`) of worker extensions: measurement and test code that attaches
     to the trainer from outside medray (see `medray.worker.WorkerContext`). Empty for users' runs."""

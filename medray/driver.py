@@ -14,17 +14,16 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from medray import storage, tracking
 from medray.config import MedrayConfig
 from medray.contracts import RunSummary, WorkerPlan, WorkerResult
 from medray.report import write_report_or_warn
-from medray.sources import is_uri
 from medray.worker import train_loop_per_worker
 
 
@@ -41,9 +40,12 @@ class TrainOutcome:
 
 def storage_path(cfg: MedrayConfig) -> str:
     """`run.storage_path` as Ray wants it: an absolute local path or a URI."""
-    if is_uri(cfg.run.storage_path):
-        return cfg.run.storage_path
-    return str(Path(cfg.run.storage_path).expanduser().resolve())
+    return storage.resolve(cfg.run.storage_path)
+
+
+def run_uri(cfg: MedrayConfig) -> str:
+    """The run folder, `{run.storage_path}/{run.name}`: a local path or a URI."""
+    return storage.join(storage_path(cfg), cfg.run.name)
 
 
 def planned_steps(cfg: MedrayConfig, train_rows: int) -> int:
@@ -85,20 +87,21 @@ def build_trainer(
     callbacks: list | None = None,
     extensions: list[str] | None = None,
     extension_options: dict[str, Any] | None = None,
+    tracked: dict[str, Any] | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for `cfg`, fed by `data` (a `medray.data.PreparedData`).
+    """The TorchTrainer for `cfg`, fed by `data` (a `medray.data.PreparedData`); `tracked` is the trackers' plan
+    (`medray.tracking.worker_plan`), made here when not given.
 
     `extensions` and `extension_options` go to the workers in the `WorkerPlan` (see `medray.worker.WorkerContext`):
     the benchmark and the tests attach their step timer and fingerprint this way.
     """
-    run_dir = Path(storage_path(cfg)) / cfg.run.name
     has_validation = data.validation is not None
     plan = WorkerPlan(
         run_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
         max_steps=planned_steps(cfg, data.stats["rows_train"]),
         has_validation=has_validation,
         trial=trial,
-        tensorboard_dir=None if is_uri(str(run_dir)) else str(run_dir / "tensorboard"),
+        tracking=tracked or tracking.worker_plan(cfg, run_uri(cfg), trial=trial),
         extensions=list(extensions or []),
         extension_options=dict(extension_options or {}),
     )
@@ -142,30 +145,42 @@ def run_training(
 ) -> TrainOutcome:
     """Validate inputs, train under Ray Train, write `summary.json`, `history.json` and the report."""
     started = time.time()
+    tracking.check(cfg)
     if not ray.is_initialized():
         ray.init()
     data = prepare_data(cfg)
+    tracked = tracking.worker_plan(cfg, run_uri(cfg), trial=trial)
+    tracking.start_mlflow_run(cfg, tracked)
     trainer = build_trainer(
-        cfg, data, trial=trial, callbacks=callbacks, extensions=extensions, extension_options=extension_options
+        cfg,
+        data,
+        trial=trial,
+        callbacks=callbacks,
+        extensions=extensions,
+        extension_options=extension_options,
+        tracked=tracked,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_mlflow_run(tracked, "FAILED")
+        raise
     outcome = write_outcome(cfg, data.stats, result, wall_time_s=time.time() - started)
+    tracking.finish_mlflow_run(tracked, storage.StorageFolder.of(outcome.run_dir), outcome.summary)
     return outcome
 
 
 def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: float) -> TrainOutcome:
-    """Write `history.json`, `summary.json` and the report into the run folder."""
+    """Write `history.json`, `summary.json` and the report into the run folder (local or object storage)."""
     returned: WorkerResult = result.return_value or WorkerResult()
     history = returned.log_history
-    run_dir = Path(result.path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    folder = storage.StorageFolder.of(run_uri(cfg))
     summary = RunSummary(
         config=cfg.to_dict(),
         data=data_stats,
         metrics={"final": _final_metrics(history), "best": _best_metrics(result)},
-        best_checkpoint=_best_checkpoint_path(result),
-        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint=_best_checkpoint_path(result, folder),
+        latest_checkpoint=folder.uri_of(result.checkpoint.path) if result.checkpoint else None,
         steps=returned.global_step,
         best_step=returned.best_step,
         resumed_from_step=returned.resumed_from_step,
@@ -176,11 +191,13 @@ def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: f
         train_runtime_s=returned.train_runtime_s,
         wall_time_s=round(wall_time_s, 2),
     )
-    summary_path = run_dir / "summary.json"
-    summary.to_json(summary_path)
-    summary.report = write_report_or_warn(run_dir)
-    summary.to_json(summary_path)
-    return TrainOutcome(run_dir=str(run_dir), summary_path=str(summary_path), summary=summary, result=result)
+    with folder.staged() as local:  # the run folder itself, or a local copy uploaded when the block ends
+        (local / "history.json").write_text(json.dumps(history, indent=1))
+        summary.to_json(local / "summary.json")
+        summary.report = storage.report_uri(folder, write_report_or_warn(local, location=folder.uri))
+        summary.to_json(local / "summary.json")
+    summary_path = storage.join(folder.uri, "summary.json")
+    return TrainOutcome(run_dir=folder.uri, summary_path=summary_path, summary=summary, result=result)
 
 
 def _final_metrics(history: list[dict]) -> dict[str, Any]:
@@ -202,6 +219,6 @@ def _best_checkpoint(result):
     return (result.checkpoint, {}) if result.checkpoint else None
 
 
-def _best_checkpoint_path(result) -> str | None:
+def _best_checkpoint_path(result, folder: storage.StorageFolder) -> str | None:
     best = _best_checkpoint(result)
-    return f"{best[0].path}/checkpoint" if best else None
+    return folder.uri_of(f"{best[0].path}/checkpoint") if best else None

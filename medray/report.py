@@ -33,11 +33,12 @@ LONGEST_VALUE = 100
 CPU_RUN = "n/a (CPU run)"
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, location: str | None = None) -> Path:
     """Write `report.md` and `loss.png` into a run folder.
 
     Args:
         run_dir: The run folder (`{run.storage_path}/{run.name}`) or a Tune search folder.
+        location: Where the report says the run is, when `run_dir` is a local copy (of a folder in object storage).
 
     Returns:
         The path of `report.md`.
@@ -61,23 +62,27 @@ def write_report(run_dir: str | Path) -> Path:
     return report
 
 
-def write_report_or_warn(run_dir: str | Path) -> str | None:
+def write_report_or_warn(run_dir: str | Path, location: str | None = None) -> str | None:
     """`write_report`, for the end of a run or search: a failure is logged and gives None, since the summary and
     leaderboard are already on disk and a broken plot must not lose them."""
     try:
-        return str(write_report(run_dir))
+        return str(write_report(run_dir, location=location))
     except Exception as error:
         logger.warning("could not write the report for %s: %s", run_dir, error)
         return None
 
 
 def render_report(
-    summary: RunSummary | SearchSummary, history: list[dict], leaderboard: list[dict[str, str]], run_dir: Path
+    summary: RunSummary | SearchSummary,
+    history: list[dict],
+    leaderboard: list[dict[str, str]],
+    run_dir: Path,
+    location: str | None = None,
 ) -> str:
     """The Markdown text of the report."""
     sections = [
         f"# medray report: {_run_name(summary, run_dir)}",
-        _overview(summary, history, run_dir),
+        _overview(summary, history, location or run_dir),
         "## Configuration",
         config_table(summary.config),
         "## Training and validation loss",
@@ -97,7 +102,7 @@ def render_report(
     return "\n\n".join(sections) + "\n"
 
 
-def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir: Path) -> str:
+def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir: Path | str) -> str:
     """One paragraph: where the run is, its steps and best validation loss, its data."""
     lines = [f"Run folder: `{run_dir}`"]
     if summary.steps is not None:

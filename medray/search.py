@@ -31,6 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from medray import tracking
 from medray._ray_placement import (
     FreeTrialPlacementGroups,
     RecordPlacementGroup,
@@ -70,6 +71,7 @@ def run_search(cfg: MedrayConfig) -> SearchOutcome:
     """Check the search, prepare the data once, run (or resume) the Tune experiment, write the leaderboard."""
     started = time.time()
     check_search(cfg)
+    tracking.check(cfg)
     resuming = tune.Tuner.can_restore(search_dir(cfg))
     if resuming:
         _check_same_search(cfg, search_dir(cfg))
@@ -127,7 +129,8 @@ def build_tuner(cfg: MedrayConfig, data, *, max_steps: int, concurrency: int, re
             name=cfg.run.name,
             storage_path=storage_path(cfg),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-            callbacks=[FreeTrialPlacementGroups(ledger_name(path))],
+            # One MLflow / W&B run per trial, under one experiment named after the search (run.trackers).
+            callbacks=[FreeTrialPlacementGroups(ledger_name(path)), *tracking.search_callbacks(cfg, cfg.run.name)],
         ),
     )
 

@@ -31,6 +31,7 @@ from medray.batching import RowCollator, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
 from medray.contracts import WorkerPlan, WorkerResult
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
+from medray.tracking import setup_worker as setup_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +114,21 @@ def _build_trainer(cfg, plan: WorkerPlan, rank: int, model, tokenizer, backend, 
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig
 
-    if plan.tensorboard_dir:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = plan.tensorboard_dir  # transformers 5 reads it from the env
     layout = resolve_layout(cfg.train.padding, backend, cfg.model.attn_implementation)
     problem = layout_problem(layout, backend, cfg.model.attn_implementation)
     if problem:
         raise ValueError(problem)
-    args = SFTConfig(**{**sft_arguments(cfg, plan, backend, rank), **_unsloth_layout(layout, backend)})
+    arguments = {**sft_arguments(cfg, plan, backend, rank), **_unsloth_layout(layout, backend)}
+    # Trackers (run.trackers): their variables and log folders; mirrors to object storage run on rank 0.
+    reporting = setup_tracking(plan.tracking, Path(arguments["output_dir"]) / "logs", rank)
+    args = SFTConfig(**arguments, report_to=reporting["report_to"], run_name=reporting["run_name"])
     trainer = _streaming_trainer_class()(
         model=model,
         args=args,
         processing_class=tokenizer,
         train_dataset=_as_hf_iterable(train_shard, cfg.data.max_length),
         eval_dataset=_as_hf_iterable(eval_shard, cfg.data.max_length) if eval_shard is not None else None,
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[RayTrainReportCallback(), *reporting["callbacks"]],
     )
     if backend == "unsloth" and trainer.args.padding_free != (layout == "padding_free"):
         # The batches stay medray's (packed_seq_lengths keeps rows apart); only Unsloth's own preparation differs.
@@ -191,7 +193,6 @@ def sft_arguments(cfg: MedrayConfig, plan: WorkerPlan, backend: str, rank: int =
         # worker would silently train its own copy of the model.
         use_cpu=not torch.cuda.is_available(),
         accelerator_config={"dispatch_batches": False},
-        report_to=["tensorboard"] if plan.tensorboard_dir else [],
         disable_tqdm=True,
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
