@@ -5,6 +5,7 @@ medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu
 medray report ~/medray_results/medray-demo
 medray generate ~/medray_results/medray-demo "What does ST elevation in II, III and aVF mean?"
 medray export ~/medray_results/medray-demo --merged ~/medray-demo-merged
+medray evaluate ~/medray_results/medray-demo --medqa medqa_4options.jsonl --limit 50
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from medray.config import ConfigError, MedrayConfig, load_config
 from medray.contracts import RunSummary
 from medray.presets import resolve_preset
+from medray.evaluate import add_arguments as add_evaluate_arguments
+from medray.evaluate import command as evaluate_command
 
 DEFAULT_PRESET = "cpu-demo"
 
@@ -36,8 +39,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def train_command(args: argparse.Namespace) -> int:
     from medray.driver import run_training
 
-    outcome = run_training(config_from_args(args))
+    cfg = config_from_args(args)
+    outcome = run_training(cfg)
     _print_outcome(outcome.summary)
+    if cfg.eval.after_training:
+        from medray.evaluate import evaluate_run, print_evaluation
+
+        print_evaluation(evaluate_run(outcome.run_dir, cfg.eval).evaluation)
     print(f"summary: {outcome.summary_path}", flush=True)
     return 0
 
@@ -168,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", metavar="OUT_DIR", required=True, help="a new folder for the merged model")
     export.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     export.set_defaults(handler=export_command)
+    evaluate = commands.add_parser("evaluate", help="base model vs tuned adapter: held-out loss, MedQA accuracy")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=evaluate_command)
     return parser
 
 

@@ -275,6 +275,31 @@ class RunArgs(Section):
     docs/tracking.md)."""
 
 
+class EvalArgs(Section):
+    """`medray evaluate` (and `eval.after_training`): base model vs tuned adapter on the held-out split and MedQA."""
+
+    after_training: bool = False
+    """Evaluate at the end of `medray train`, into the run's summary.json and report."""
+    medqa: str | None = None
+    """MedQA-USMLE 4-option questions: a local .jsonl file or a hub dataset id. None: held-out split only."""
+    limit: int | None = Field(None, ge=1)
+    """Score only the first N MedQA questions."""
+    validation: bool = True
+    """Score loss and perplexity on the run's held-out validation split."""
+    generation: bool = True
+    """Also score MedQA by generation (the run's template, answer read after `</think>`), besides log-likelihood."""
+    max_new_tokens: int = Field(512, ge=1)
+    """Token limit of each generated answer."""
+    batch_size: int = Field(8, ge=1)
+    """Questions (or validation rows) per batch sent to a model replica."""
+    replicas: int | None = Field(None, ge=1)
+    """Model replicas (Ray Data actors, one per GPU or CPU worker). None: `scaling.num_workers`."""
+    use_gpu: bool | None = None
+    """Give every replica a GPU. None: `scaling.use_gpu`."""
+    cpus_per_replica: float | None = Field(None, gt=0.0)
+    """CPUs reserved per replica (its torch threads on CPU). None: `scaling.cpus_per_worker`."""
+
+
 class MedrayConfig(Section):
     model: ModelArgs = Field(default_factory=ModelArgs)
     lora: LoraArgs = Field(default_factory=LoraArgs)
@@ -284,6 +309,8 @@ class MedrayConfig(Section):
     run: RunArgs = Field(default_factory=RunArgs)
     tune: TuneArgs = Field(default_factory=TuneArgs)
     """Ray Tune search settings (`medray tune`); see `medray.tune_config` and `medray.search`."""
+    eval: EvalArgs = Field(default_factory=EvalArgs)
+    """Evaluation settings (`medray evaluate`, `eval.after_training`); see `medray.evaluate`."""
 
     @model_validator(mode="after")
     def _check_template(self) -> MedrayConfig:

@@ -94,6 +94,8 @@ def render_report(
     eos_stop = (getattr(summary, "evaluation", None) or {}).get("eos_stop")
     if eos_stop:
         sections += ["## Stopping at EOS", eos_stop_table(eos_stop)]
+    if summary.evaluation:
+        sections += ["## Model quality", model_quality_table(summary.evaluation)]
     if leaderboard:
         sections += [
             "## Tune leaderboard",
@@ -226,6 +228,49 @@ def gpu_rows(history: list[dict], last: dict[str, Any]) -> list[list[str]]:
         ["GPU utilisation (mean of the logged values)", _number(_mean(history, "gpu_util_pct"), ".0f", " %")],
         ["GPU power (mean of the logged values)", _number(_mean(history, "gpu_power_w"), ".0f", " W")],
     ]
+
+
+def model_quality_table(evaluation: dict[str, Any]) -> str:
+    """Markdown table benchmark | figure | one column per model (base, tuned, ...), from summary.json `evaluation`.
+
+    Benchmarks whose entry has a `models` mapping are shown: loss and perplexity, accuracy with its 95 % interval,
+    the share of unparsable answers; other entries are left to their own sections.
+    """
+    benchmarks = {name: entry for name, entry in evaluation.items() if isinstance(entry, dict) and entry.get("models")}
+    models = list(dict.fromkeys(model for entry in benchmarks.values() for model in entry["models"]))
+    rows = []
+    for name, entry in benchmarks.items():
+        label = QUALITY_LABELS.get(name, name)
+        size = entry.get("questions") or entry.get("rows")
+        label = f"{label} ({size} {'questions' if 'questions' in entry else 'rows'})" if size else label
+        for figure, render in QUALITY_FIGURES:
+            cells = [render(entry["models"].get(model) or {}) for model in models]
+            if any(cell != "" for cell in cells):
+                rows.append([label, figure, *cells])
+    if not rows:
+        return "No benchmark results."
+    notes = "Accuracy: share correct [95 % Wilson interval]. Unparsable: generated answers that named no option."
+    return markdown_table(["benchmark", "figure", *models], rows) + f"\n\n{notes}"
+
+
+def _accuracy_cell(results: dict[str, Any]) -> str:
+    if "accuracy" not in results:
+        return ""
+    low, high = results["ci95"]
+    return f"{results['accuracy']:.1%} [{low:.1%}, {high:.1%}]"
+
+
+QUALITY_LABELS = {
+    "validation": "held-out validation split",
+    "medqa_loglik": "MedQA 4-option, log-likelihood",
+    "medqa_generation": "MedQA 4-option, generation",
+}
+QUALITY_FIGURES = [
+    ("loss", lambda results: _number(results.get("loss"), ".4f") if "loss" in results else ""),
+    ("perplexity", lambda results: _number(results.get("perplexity"), ".2f") if "perplexity" in results else ""),
+    ("accuracy", _accuracy_cell),
+    ("unparsable", lambda results: f"{results['unparsable_share']:.1%}" if "unparsable_share" in results else ""),
+]
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "") -> Path:
