@@ -16,9 +16,9 @@ import sys
 
 from medray.config import ConfigError, MedrayConfig, load_config
 from medray.contracts import RunSummary
-from medray.presets import resolve_preset
 from medray.evaluate import add_arguments as add_evaluate_arguments
 from medray.evaluate import command as evaluate_command
+from medray.presets import resolve_preset
 
 DEFAULT_PRESET = "cpu-demo"
 
