@@ -18,6 +18,7 @@ from medray.config import ConfigError, MedrayConfig, load_config
 from medray.contracts import RunSummary
 from medray.evaluate import add_arguments as add_evaluate_arguments
 from medray.evaluate import command as evaluate_command
+from medray.failures import RunFailedError
 from medray.presets import resolve_preset
 
 DEFAULT_PRESET = "cpu-demo"
@@ -190,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, FileNotFoundError) as error:
         print(f"medray: error: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # DataError and bad derived settings (e.g. no full optimizer step)
+    except ValueError as error:  # DataError, PreflightError, RunLockedError, ResumeError, bad derived settings
         print(f"medray: error: {error}", file=sys.stderr)
         return 2
+    except RunFailedError as error:  # training started and failed: one line, the traceback is in the worker log
+        print(f"medray: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

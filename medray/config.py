@@ -13,11 +13,12 @@ before any Ray worker starts. Plain dicts (`to_dict`) cross the Ray boundary; wo
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from medray.config_base import Section
 from medray.tune_config import TuneArgs
@@ -155,6 +156,9 @@ class DataArgs(Section):
     """Use only the first N rows (for smoke tests)."""
     seed: int = 3407
     """Seed of the train/validation split and of the source mix."""
+    dedupe: bool = True
+    """Drop repeated samples (same formatted text), keeping one, so validation never holds a training row; the
+    count is `rows_duplicate` in the run's data stats."""
 
     @model_validator(mode="before")
     @classmethod
@@ -259,11 +263,27 @@ class ScalingArgs(Section):
     """CPUs reserved per worker."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes."""
+    wait_for_resources_s: float = Field(0.0, ge=0.0)
+    """Seconds to wait for the cluster to grow (autoscaling) when it lacks the workers' CPUs/GPUs; 0 fails at once."""
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_run_name(name: str) -> str:
+    """A run name is one path segment, so a run (and its workers' scratch) stays inside `run.storage_path`."""
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError("must be one folder name made of letters, digits, '-', '_' and '.' (not '.' or '..')")
+    return name
 
 
 class RunArgs(Section):
-    name: str = "medray-run"
-    """Run name; a run started again with the same name and storage path resumes from its last checkpoint."""
+    name: Annotated[str, AfterValidator(_check_run_name)] = "medray-run"
+    """Run name, one folder name (letters, digits, `-_.`); a run started again with the same name and storage path
+    resumes from its last checkpoint (see `resume`)."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """`auto`: continue the run folder's last checkpoint if there is one; `must`: fail if there is none; `never`:
+    start afresh, moving an existing run folder aside to `{name}.replaced-{time}`."""
     storage_path: str = "~/medray_results"
     """Where runs, checkpoints and reports are written (local path, NFS, or s3:// / gs:// URI)."""
     checkpoints_to_keep: int = Field(2, ge=1)
@@ -324,6 +344,14 @@ class MedrayConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_unsloth_has_gpus(self) -> MedrayConfig:
+        if self.model.backend == "unsloth" and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.backend=unsloth runs on CUDA GPUs only: set scaling.use_gpu=true, or model.backend=hf (or auto)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_batch_layout(self) -> MedrayConfig:
         """`train.padding` must take effect: refuse the combinations where it could not (see medray.batching)."""
         train, model = self.train, self.model
@@ -369,6 +397,8 @@ class ConfigError(ValueError):
             key = ".".join(str(part) for part in item["loc"]) or "config"
             if item["type"] == "extra_forbidden":
                 problems.append(f"{key}: unknown key; allowed keys here: {_allowed_keys(item['loc'])}")
+            elif not item["loc"]:  # a check across sections: its message names the keys
+                problems.append(item["msg"].removeprefix("Value error, "))
             else:
                 problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
         return cls(problems)
@@ -393,7 +423,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [part for part in key.strip().split(".") if part]
     if not parts:
         raise ConfigError([f"override {text!r}: the key is empty"])
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    return parts, _parse_value(raw) if raw.strip() else None
+
+
+# An override is one shell argument, so ` #` in it is text, never a YAML comment: it is swapped for a private-use
+# character while the value is parsed as YAML, then put back.
+_HASH_STANDIN = "\ue000"
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        text = raw.replace(" #", " " + _HASH_STANDIN)
+        text = _HASH_STANDIN + text[1:] if text.startswith("#") else text
+        return _restore_hashes(yaml.safe_load(text))
+    except yaml.YAMLError:  # not YAML (e.g. unbalanced brackets in a template): the text itself
+        return raw
+
+
+def _restore_hashes(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(_HASH_STANDIN, "#")
+    if isinstance(value, list):
+        return [_restore_hashes(item) for item in value]
+    if isinstance(value, dict):
+        return {_restore_hashes(key): _restore_hashes(item) for key, item in value.items()}
+    return value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

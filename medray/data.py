@@ -24,6 +24,7 @@ size, block layout or row order; several sources are then mixed by weight and sh
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.expressions import col
 
 from medray.config import MedrayConfig, SourceArgs
 from medray.prompts import check_chat_template
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 JSON_SUFFIXES = (".json", ".jsonl")
 PARQUET_SUFFIX = ".parquet"
 BATCH_SIZE = 256
+logger = logging.getLogger(__name__)
 TURN_TYPES = {
     "messages": pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
     "sharegpt": pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])),
@@ -81,9 +84,9 @@ class PreparedData:
     validation: ray.data.Dataset | None
     """Same columns; None when `data.validation_fraction` is 0."""
     stats: dict[str, Any]
-    """`rows_read` (after `max_rows`), `rows_train`, `rows_validation`, `rows_truncated`, `rows_dropped_overlong`,
-    `rows_dropped_cut_in_prompt`, `tokens_train`, `loss_tokens_train`, and `sources`: per source its `name`,
-    `row_format`, `weight`, `rows_read`, `rows_train` and `rows_validation`."""
+    """`rows_read` (after `max_rows`), `rows_duplicate` (dropped by `data.dedupe`), `rows_train`, `rows_validation`,
+    `rows_truncated`, `rows_dropped_overlong`, `rows_dropped_cut_in_prompt`, `tokens_train`, `loss_tokens_train`,
+    and `sources`: per source its `name`, `row_format`, `weight`, `rows_read`, `rows_train` and `rows_validation`."""
 
 
 def build_datasets(cfg: MedrayConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
@@ -122,7 +125,26 @@ def build_datasets(cfg: MedrayConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     columns = ["length", "full_length", "loss_tokens", "cut_in_prompt", "split_key", "source", "problem"]
     info = prepared.select_columns(columns).to_pandas()
     _raise_first_problem(info, sources)
-    return split_and_mix(prepared, info, sources, data)
+    prepared, info, duplicates = _dedupe(prepared, info) if data.dedupe else (prepared, info, 0)
+    result = split_and_mix(prepared, info, sources, data, duplicates)
+    result.stats["rows_read"] += duplicates
+    result.stats["rows_duplicate"] = duplicates
+    return result
+
+
+def _dedupe(prepared: ray.data.Dataset, info: pd.DataFrame) -> tuple[ray.data.Dataset, pd.DataFrame, int]:
+    """Keep one copy of every repeated sample (in any source). Copies have the same text, so the same split key (a
+    seeded 63-bit hash): rows with a unique key pass through, one row per repeated key is picked on the driver."""
+    repeated = info["split_key"].duplicated(keep="first")
+    duplicates = int(repeated.sum())
+    if not duplicates:
+        return prepared, info, 0
+    keys = info.loc[repeated, "split_key"].unique().tolist()
+    copies = pa.concat_tables(ray.get(prepared.filter(expr=col("split_key").is_in(keys)).to_arrow_refs()))
+    first = ~copies.column("split_key").to_pandas().duplicated(keep="first")
+    singles = prepared.filter(expr=col("split_key").not_in(keys))
+    deduped = singles.union(ray.data.from_arrow(copies.filter(pa.array(first.to_numpy())))).materialize()
+    return deduped, info[~repeated], duplicates
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -149,11 +171,16 @@ def _list_files(path: Path) -> list[Path]:
         if not path.name.endswith((*JSON_SUFFIXES, PARQUET_SUFFIX)):
             raise DataError(f"{path}: unsupported file type; data.path must name .json, .jsonl or .parquet files")
         return [path]
-    files = sorted(
-        item
-        for item in path.rglob("*")
-        if item.is_file() and item.suffix in (*JSON_SUFFIXES, PARQUET_SUFFIX) and not item.name.startswith(".")
-    )
+    found = sorted(item for item in path.rglob("*") if item.is_file() and not item.name.startswith("."))
+    files = [item for item in found if item.suffix in (*JSON_SUFFIXES, PARQUET_SUFFIX)]
+    skipped = [str(item.relative_to(path)) for item in found if item not in files]
+    if skipped:
+        logger.warning(
+            "data.path %s: skipped %d file(s) that are not .json, .jsonl or .parquet: %s",
+            path,
+            len(skipped),
+            ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+        )
     if not files:
         raise DataError(f"{path} holds no .json, .jsonl or .parquet files; point data.path at your data")
     if len({item.suffix == PARQUET_SUFFIX for item in files}) > 1:
@@ -278,8 +305,21 @@ def _iter_rows(path: Path, columns: list[str]) -> Iterator[tuple[str, Any]]:
             for number, line in enumerate(file, 1):
                 if line.strip():
                     yield f"line {number}", _parse_line(path, number, line)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 JSON or JSONL") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {_first_non_utf8(path)} is not UTF-8; save the file as UTF-8 JSON or JSONL") from None
+
+
+def _first_non_utf8(path: Path) -> str:
+    """`byte N (line L, 0xXX)` of the first byte that is not UTF-8 (lines are safe units: UTF-8 never splits '\\n')."""
+    offset = 0
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"byte {offset + error.start} (line {number}, 0x{line[error.start]:02x})"
+            offset += len(line)
+    return "a byte"
 
 
 def _parse_line(path: Path, number: int, line: str) -> Any:

@@ -11,20 +11,32 @@ workers stream their shards.
 from __future__ import annotations
 
 import json
+import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from medray import storage, tracking
+from medray import preflight, storage, tracking
 from medray.config import MedrayConfig
 from medray.contracts import RunSummary, WorkerPlan, WorkerResult
+from medray.failures import RunFailedError, describe_failure
 from medray.report import write_report_or_warn
+from medray.runfolder import (
+    inspect_run_folder,
+    registered_checkpoints,
+    remove_unregistered_checkpoints,
+    save_run_config,
+)
+from medray.runlock import RunLock
+from medray.scratch import new_run_id, remove_run_scratch, remove_stale_scratch
 from medray.worker import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,7 +109,7 @@ def build_trainer(
     """
     has_validation = data.validation is not None
     plan = WorkerPlan(
-        run_id=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}",
+        run_id=new_run_id(cfg.run.name, f"{storage_path(cfg).rstrip('/')}/{cfg.run.name}"),
         max_steps=planned_steps(cfg, data.stats["rows_train"]),
         has_validation=has_validation,
         trial=trial,
@@ -143,31 +155,74 @@ def run_training(
     extensions: list[str] | None = None,
     extension_options: dict[str, Any] | None = None,
 ) -> TrainOutcome:
-    """Validate inputs, train under Ray Train, write `summary.json`, `history.json` and the report."""
+    """Validate inputs, train under Ray Train, write `summary.json`, `history.json` and the report.
+
+    Storage, model and cluster are checked before the data is prepared, the batches after; the run folder is
+    locked for the whole run (`medray.runlock`), and `run.resume` is applied to it (`medray.runfolder`). A run
+    folder whose run already finished is returned as it is, without training.
+    """
+    started = time.time()
     started = time.time()
     tracking.check(cfg)
+    root = storage_path(cfg)
+    preflight.check_storage(root)
+    preflight.check_model(cfg.model)
     if not ray.is_initialized():
         ray.init()
-    data = prepare_data(cfg)
-    tracked = tracking.worker_plan(cfg, run_uri(cfg), trial=trial)
-    tracking.start_mlflow_run(cfg, tracked)
-    trainer = build_trainer(
-        cfg,
-        data,
-        trial=trial,
-        callbacks=callbacks,
-        extensions=extensions,
-        extension_options=extension_options,
-        tracked=tracked,
-    )
+    preflight.check_cluster(cfg.scaling)
+    with RunLock(root, cfg.run.name):
+        folder = inspect_run_folder(cfg, root)
+        if folder.finished_summary is not None:
+            return _finished_outcome(folder)
+        remove_stale_scratch(cfg.run.name, folder.run_dir)
+        data = prepare_data(cfg)
+        preflight.check_batches(cfg, data.stats)
+        save_run_config(cfg, folder.run_dir)
+        tracked = tracking.worker_plan(cfg, run_uri(cfg), trial=trial)
+        tracking.start_mlflow_run(cfg, tracked)
+        trainer = build_trainer(
+            cfg,
+            data,
+            trial=trial,
+            callbacks=callbacks,
+            extensions=extensions,
+            extension_options=extension_options,
+            tracked=tracked,
+        )
+        try:
+            result = _fit(trainer, cfg, folder.run_dir)
+        except BaseException:
+            tracking.end_mlflow_run(tracked, "FAILED")
+            raise
+        outcome = write_outcome(cfg, data.stats, result, wall_time_s=time.time() - started)
+        tracking.finish_mlflow_run(tracked, storage.StorageFolder.of(outcome.run_dir), outcome.summary)
+        return outcome
+
+
+def _fit(trainer: TorchTrainer, cfg: MedrayConfig, run_dir: str):
+    """`trainer.fit()`; a failure becomes one `RunFailedError` line; the run's local scratch goes either way."""
     try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_mlflow_run(tracked, "FAILED")
-        raise
-    outcome = write_outcome(cfg, data.stats, result, wall_time_s=time.time() - started)
-    tracking.finish_mlflow_run(tracked, storage.StorageFolder.of(outcome.run_dir), outcome.summary)
-    return outcome
+        return trainer.fit()
+    except (TrainingFailedError, ray.exceptions.RayError) as error:
+        fs, folder = pafs.FileSystem.from_uri(run_dir)
+        remove_unregistered_checkpoints(fs, folder, registered_checkpoints(fs, folder))
+        message = describe_failure(error, run_dir=run_dir, max_failures=cfg.run.max_failures)
+        raise RunFailedError(message) from error
+    finally:
+        remove_run_scratch(trainer.train_loop_config["plan"]["run_id"])
+
+
+def _finished_outcome(folder) -> TrainOutcome:
+    summary = RunSummary.from_dict(folder.finished_summary)
+    summary_path = f"{folder.run_dir}/summary.json"
+    logger.warning(
+        "run %s already finished (step %s); not training it again. Its summary: %s. For a new run pick another "
+        "run.name or set run.resume=never; for a longer one raise train.max_steps or train.num_epochs",
+        folder.run_dir,
+        summary.steps,
+        summary_path,
+    )
+    return TrainOutcome(run_dir=folder.run_dir, summary_path=summary_path, summary=summary, result=None)
 
 
 def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: float) -> TrainOutcome:

@@ -29,7 +29,7 @@ OUTPUT_COLUMNS = ["input_ids", "labels", "length"]
 
 
 def split_and_mix(
-    prepared: ray.data.Dataset, info: pd.DataFrame, sources: list[Source], data: DataArgs
+    prepared: ray.data.Dataset, info: pd.DataFrame, sources: list[Source], data: DataArgs, duplicates: int = 0
 ) -> PreparedData:
     """The materialized train and validation sets of all sources, and the counts of what happened to the rows.
 
@@ -60,7 +60,7 @@ def split_and_mix(
         if mine.empty:
             raise DataError(_nothing_left(source, data, info["source"] == source.index))
         where = [*conditions, col("source") == source.index]
-        train, validation, train_keys = _split_source(prepared, mine, where, source, data)
+        train, validation, train_keys = _split_source(prepared, mine, where, source, data, duplicates)
         train = _weighted(train, train_keys, source.args.weight)
         trains.append(train)
         validations.append(validation)
@@ -96,7 +96,7 @@ def split_and_mix(
 
 
 def _split_source(
-    prepared: ray.data.Dataset, mine: pd.DataFrame, where: list[Any], source: Source, data: DataArgs
+    prepared: ray.data.Dataset, mine: pd.DataFrame, where: list[Any], source: Source, data: DataArgs, duplicates: int
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None, np.ndarray]:
     """One source's train and validation rows, and the sorted split keys of its training rows."""
     from medray.data import DataError
@@ -104,13 +104,19 @@ def _split_source(
     keys = np.sort(mine["split_key"].to_numpy())
     if data.validation_fraction == 0:
         return _subset(prepared, where), None, keys
+    dropped = f" ({duplicates} repeated row(s) dropped by data.dedupe)" if duplicates else ""
     held_out = max(1, round(len(mine) * data.validation_fraction))
     if held_out >= len(mine):
         raise DataError(
-            f"{source.where}: only {len(mine)} usable row(s), too few to hold out data.validation_fraction="
+            f"{source.where}: only {len(mine)} usable row(s){dropped}, too few to hold out data.validation_fraction="
             f"{data.validation_fraction}; add rows or set data.validation_fraction=0"
         )
     threshold = int(keys[len(mine) - held_out])
+    if keys[0] >= threshold:  # every row repeats a held-out sample (data.dedupe=false)
+        raise DataError(
+            f"{source.where}: no training rows: all {len(mine)} rows are copies of the validation rows; use distinct "
+            "rows or set data.dedupe=true"
+        )
     train = _subset(prepared, [*where, col("split_key") < threshold])
     validation = _subset(prepared, [*where, col("split_key") >= threshold])
     return train, validation, keys[keys < threshold]

@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from medray import tracking
+from medray import preflight, tracking
 from medray._ray_placement import (
     FreeTrialPlacementGroups,
     RecordPlacementGroup,
@@ -75,9 +75,13 @@ def run_search(cfg: MedrayConfig) -> SearchOutcome:
     resuming = tune.Tuner.can_restore(search_dir(cfg))
     if resuming:
         _check_same_search(cfg, search_dir(cfg))
+    preflight.check_storage(storage_path(cfg))
+    preflight.check_model(cfg.model)
     if not ray.is_initialized():
         ray.init()
+    preflight.check_cluster(cfg.scaling)
     data = prepare_data(cfg)
+    preflight.check_batches(cfg, data.stats)
     max_steps = cfg.tune.max_steps or planned_steps(cfg, data.stats["rows_train"])
     raise_if_problems(step_problems(cfg, max_steps))
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())

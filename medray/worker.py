@@ -17,7 +17,6 @@ import importlib
 import itertools
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from medray.batching import RowCollator, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
 from medray.contracts import WorkerPlan, WorkerResult
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
+from medray.scratch import rank_dir, remove_rank_scratch, resume_dir
 from medray.tracking import setup_worker as setup_tracking
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,15 @@ class WorkerContext:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> WorkerResult | None:
-    """Train one LoRA adapter; every worker runs this, rank 0 returns the history."""
+    """Train one LoRA adapter; every worker runs this, rank 0 returns the history. Its local scratch (trainer
+    folder, restored checkpoint) is removed on the way out, whatever the outcome."""
+    try:
+        return _train_loop(config)
+    finally:
+        remove_rank_scratch(config["plan"]["run_id"], ray.train.get_context().get_world_rank())
+
+
+def _train_loop(config: dict[str, Any]) -> WorkerResult | None:
     # 1. Config: plain dicts crossed the Ray boundary; rebuild the typed objects.
     cfg = MedrayConfig.from_dict(config["medray"])
     plan = WorkerPlan.from_dict(config["plan"])
@@ -84,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> WorkerResult | None:
     extensions = _attach_extensions(WorkerContext(cfg, plan, rank, world_size, device, tokenizer, trainer))
 
     # 5. Resume: a run restarted with the same name (or after a worker failure) continues from its last checkpoint.
-    resume_dir = _restore_checkpoint(ray.train.get_checkpoint())
+    resume_dir = _restore_checkpoint(ray.train.get_checkpoint(), plan.run_id, rank)
 
     # 6. Train.
     output = trainer.train(resume_from_checkpoint=resume_dir)
@@ -159,7 +167,7 @@ def sft_arguments(cfg: MedrayConfig, plan: WorkerPlan, backend: str, rank: int =
     return dict(
         # One local folder per rank: RayTrainReportCallback uploads the newest checkpoint it finds there, and a rank
         # that shared rank 0's folder could upload rank 0's previous adapter before the new one is written.
-        output_dir=str(Path(tempfile.gettempdir()) / "medray" / plan.run_id / f"rank{rank}"),
+        output_dir=str(rank_dir(plan.run_id, rank)),
         max_steps=plan.max_steps,
         per_device_train_batch_size=cfg.train.per_device_batch_size,
         per_device_eval_batch_size=cfg.train.eval_batch_size or cfg.train.per_device_batch_size,
@@ -372,10 +380,10 @@ def _extension_results(extensions: dict[str, Any], world_size: int) -> dict[str,
     return {path: [rank_results[path] for rank_results in gathered] for path in extensions}
 
 
-def _restore_checkpoint(checkpoint) -> str | None:
+def _restore_checkpoint(checkpoint, run_id: str, rank: int) -> str | None:
     if checkpoint is None:
         return None
-    local = Path(tempfile.mkdtemp(prefix="medray_resume_"))
+    local = resume_dir(run_id, rank)
     checkpoint.to_directory(str(local))
     return str(local / "checkpoint")
 

@@ -273,3 +273,48 @@ def test_tokenizer_that_adds_eos_itself_still_gives_one_eos(tmp_path):
     [(ids, labels)] = encode_with_labels(tokenizer, ["Hi Hello</s>"], [[(2, 12)]], True, "completion")
     assert labels == [-100, -100, *ids[2:]]
     assert ids[0] == BOS and ids[-1] == EOS and ids.count(EOS) == 1
+
+
+# --- repeated rows, odd bytes, stray files --------------------------------------------------------------------------
+
+
+def test_repeated_rows_are_dropped_so_validation_never_holds_a_training_row(ray_local, tokenizer, tmp_path):
+    rows = _rows(20)
+    rows += [rows[3]] * 30 + [rows[7]] * 2  # 32 copies of two rows
+    data = build_datasets(
+        _config(_write_jsonl(tmp_path / "dup.jsonl", rows), "data.validation_fraction=0.2"), tokenizer
+    )
+    assert data.stats["rows_read"] == 52 and data.stats["rows_duplicate"] == 32
+    train, validation = _samples(data.train), _samples(data.validation)
+    assert len(train) + len(validation) == 20 == data.stats["rows_train"] + data.stats["rows_validation"]
+    assert len({tuple(ids) for ids in train + validation}) == 20  # one copy of each
+    assert not {tuple(ids) for ids in train} & {tuple(ids) for ids in validation}
+
+
+def test_identical_rows_are_a_clean_error_before_training(ray_local, tokenizer, tmp_path):
+    path = _write_jsonl(tmp_path / "same.jsonl", _rows(1) * 40)
+    with pytest.raises(DataError, match=r"only 1 usable row\(s\) \(39 repeated row\(s\) dropped by data.dedupe\)"):
+        build_datasets(_config(path), tokenizer)
+    with pytest.raises(DataError, match=r"no training rows: all 40 rows are copies of the validation rows"):
+        build_datasets(_config(path, "data.dedupe=false"), tokenizer)
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_its_offset(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    first = (json.dumps(_rows(1)[0]) + "\n").encode()
+    path.write_bytes(first + b'{"Question": "caf\xe9", "Complex_CoT": "c", "Response": "r"}\n')
+    offset = len(first) + len(b'{"Question": "caf')
+    with pytest.raises(DataError, match=rf"latin1.jsonl: byte {offset} \(line 2, 0xe9\) is not UTF-8; save the file"):
+        build_datasets(_config(path), tokenizer)
+
+
+def test_files_that_are_not_data_are_reported_as_skipped(ray_local, tokenizer, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_jsonl(folder / "rows.jsonl", _rows(10))
+    (folder / "notes.txt").write_text("not data")
+    (folder / "extra.csv").write_text("a,b")
+    with caplog.at_level("WARNING", logger="medray.data"):
+        data = build_datasets(_config(folder, "data.validation_fraction=0"), tokenizer)
+    assert data.stats["rows_train"] == 10
+    assert "skipped 2 file(s) that are not .json, .jsonl or .parquet: extra.csv, notes.txt" in caplog.text

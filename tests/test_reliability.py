@@ -1,0 +1,238 @@
+"""Slow tier: what a run survives, on one shared Ray cluster (2 CPUs) and the tiny random Mistral.
+
+- A worker killed with run.max_failures=0 ends the run in one line; the same command with max_failures=1 resumes
+  from the checkpoint, survives a second worker kill, and ends at exactly train.max_steps; a run started meanwhile
+  on the same folder is refused at once; the finished run is not trained again; a changed model is refused.
+- A killed driver leaves a stale lock; the same command run again takes it over and resumes to the exact step.
+- A full disk under run.storage_path ends the run in one line, and no half-written checkpoint stays.
+- No secret from the environment reaches any file of a run or of Ray's session folder.
+- Requests the cluster cannot hold fail before any worker is reserved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.fs as pafs
+import pytest
+
+from medray.config import load_config
+from medray.driver import run_training
+from medray.failures import RunFailedError
+from medray.preflight import PreflightError
+from medray.presets import resolve_preset
+from medray.runfolder import ResumeError, registered_checkpoints
+from medray.runlock import RunLockedError
+from medray.scratch import scratch_root
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SECRETS = {
+    "HF_TOKEN": "hf_medrayCanary7Q2x9Lw",
+    "WANDB_API_KEY": "wandbcanary0123456789abcdef0123456789abcd",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-canary-5f3a",
+}
+STEPS = 12  # every 3 steps an evaluation and a checkpoint
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module; its processes inherit the secrets the run must never write."""
+    import ray
+
+    # Ray's memory monitor counts every process on the machine: on a shared test machine it kills these runs for
+    # other processes' memory. The kernel's OOM killer still applies.
+    extra = {"RAY_memory_monitor_refresh_ms": "0"}
+    saved = {name: os.environ.get(name) for name in [*SECRETS, *extra]}
+    os.environ.update({**SECRETS, **extra})
+    context = ray.init(
+        address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False, log_to_driver=False
+    )
+    yield context
+    ray.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def tiny(storage: Path, model_dir: Path, name: str, *overrides: str):
+    return load_config(
+        resolve_preset("tiny-test"),
+        [
+            f"model.name={model_dir}",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+            f"train.max_steps={STEPS}",
+            "train.eval_steps=3",
+            "train.logging_steps=3",
+            *overrides,
+        ],
+    )
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray registered in `run_dir` (none while the snapshot is missing or being written)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return sorted(result["metrics"]["step"] for result in snapshot["checkpoint_results"])
+
+
+def when_checkpointed(run_dir: Path, action, after_step: int = 0, timeout_s: float = 600) -> threading.Thread:
+    """Run `action()` in a thread as soon as `run_dir` has a registered checkpoint later than `after_step`."""
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if max(checkpoint_steps(run_dir), default=0) > after_step:
+                action()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_a_train_worker() -> int:
+    """SIGKILL one Ray Train worker process of this test's cluster (a descendant of this process)."""
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                process.send_signal(signal.SIGKILL)
+                return process.pid
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no RayTrainWorker process found")
+
+
+def history_steps(run_dir: Path) -> list[int]:
+    return [entry["step"] for entry in json.loads((run_dir / "history.json").read_text())]
+
+
+def test_requests_the_cluster_cannot_hold_fail_before_any_worker(cluster, tiny_mistral_dir, tmp_path):
+    with pytest.raises(PreflightError, match=r"num_workers=1000 workers of 1 CPU each do not fit: .* 2 CPU\(s\)"):
+        run_training(tiny(tmp_path, tiny_mistral_dir, "big", "scaling.num_workers=1000"))
+    with pytest.raises(PreflightError, match=r"scaling.use_gpu=true, but the Ray cluster has 2 CPU\(s\) and 0 GPU"):
+        run_training(tiny(tmp_path, tiny_mistral_dir, "gpu", "scaling.use_gpu=true"))
+    started = time.monotonic()
+    with pytest.raises(PreflightError, match=r"\(waited 3 s for the cluster to grow\)"):
+        run_training(
+            tiny(tmp_path, tiny_mistral_dir, "wait", "scaling.num_workers=3", "scaling.wait_for_resources_s=3")
+        )
+    assert time.monotonic() - started >= 3
+    with pytest.raises(PreflightError, match=r"training row\(s\) over 1 worker\(s\) give \d+ per worker, fewer than"):
+        run_training(tiny(tmp_path, tiny_mistral_dir, "batch", "train.per_device_batch_size=64"))
+    assert not list(tmp_path.glob("*/checkpoint_*"))
+
+
+def test_worker_deaths_resume_and_the_run_folder_is_guarded(cluster, tiny_mistral_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    # 1. No restarts allowed: a killed worker ends the run with one line, after its first checkpoint.
+    killed = []
+    watcher = when_checkpointed(run_dir, lambda: killed.append(kill_a_train_worker()))
+    with pytest.raises(RunFailedError) as failure:
+        run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=0"))
+    watcher.join(5)
+    assert killed, "the run ended before a worker could be killed"
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith(f"training in {run_dir} stopped (run.max_failures=0: no restart): a worker process died")
+    first_checkpoints = checkpoint_steps(run_dir)
+    assert first_checkpoints and max(first_checkpoints) < STEPS
+
+    # 2. The same command with one restart allowed: it resumes from that checkpoint; a second kill is absorbed; a
+    # run started meanwhile on the same folder is refused at once.
+    refused = []
+
+    def kill_and_collide():
+        kill_a_train_worker()
+        try:
+            run_training(tiny(tmp_path, tiny_mistral_dir, "killed"))
+        except RunLockedError as error:
+            refused.append(str(error))
+
+    watcher = when_checkpointed(run_dir, kill_and_collide, after_step=max(first_checkpoints))
+    outcome = run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=1"))
+    watcher.join(60)
+    assert refused and f"run folder {run_dir} is in use by another medray run (pid {os.getpid()}" in refused[0]
+    summary = outcome.summary
+    assert summary["steps"] == STEPS and history_steps(run_dir)[-1] == STEPS
+    assert summary["resumed_from_step"] > max(first_checkpoints)  # the second kill's restart resumed, mid-run
+    assert Path(summary["best_checkpoint"], "adapter_model.safetensors").is_file()
+
+    # 3. Nothing is left in local scratch, and no secret reached a file of the run or of Ray's session folder.
+    assert not [item.name for item in scratch_root().glob("killed-*")]
+    session = Path(cluster.address_info["session_dir"])
+    leaks = [
+        f"{path}: {name}"
+        for root in (tmp_path, session)
+        for path in root.rglob("*")
+        if path.is_file() and not path.is_symlink()
+        for name, value in SECRETS.items()
+        if value.encode() in path.read_bytes()
+    ]
+    assert not leaks
+
+    # 4. The finished run is not trained again; a changed adapter shape is refused before anything starts.
+    again = run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=1"))
+    assert again.result is None and again.summary["steps"] == STEPS and again.summary_path == f"{run_dir}/summary.json"
+    with pytest.raises(ResumeError, match=r"another model or data \(lora.r: 8 -> 16\)"):
+        run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "lora.r=16"))
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tiny_mistral_dir, tmp_path):
+    run_dir = tmp_path / "driver"
+    overrides = [f"model.name={tiny_mistral_dir}", f"run.storage_path={tmp_path}", "run.name=driver"]
+    overrides += [f"train.max_steps={STEPS}", "train.eval_steps=3", "train.logging_steps=3"]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address_info["gcs_address"], "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "medray.cli", "train", "--config", str(resolve_preset("tiny-test")), *overrides]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    when_checkpointed(run_dir, driver.kill).join(600)
+    assert driver.wait(30) == -signal.SIGKILL
+    lock = json.loads((tmp_path / ".driver.lock").read_text())
+    assert lock["pid"] == driver.pid  # the killed driver's lock is left behind
+    at_kill = checkpoint_steps(run_dir)
+    assert max(at_kill) < STEPS
+
+    outcome = run_training(tiny(tmp_path, tiny_mistral_dir, "driver"))
+    assert outcome.summary["resumed_from_step"] >= max(at_kill)
+    assert outcome.summary["steps"] == STEPS and history_steps(run_dir)[-1] == STEPS
+    assert not (tmp_path / ".driver.lock").exists()
+    assert not [item.name for item in scratch_root().glob("driver-*")]  # the killed attempt's scratch too
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: the first checkpoint (adapter, optimizer, tokenizer: ~3 MB) does not fit."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_without_half_checkpoints(cluster, tiny_mistral_dir, small_disk):
+    with pytest.raises(RunFailedError) as failure:
+        run_training(tiny(small_disk, tiny_mistral_dir, "full", "run.max_failures=0"))
+    message = str(failure.value)
+    assert "\n" not in message
+    assert f"training in {small_disk}/full stopped (run.max_failures=0: no restart): the disk is full" in message
+    registered = registered_checkpoints(pafs.LocalFileSystem(), str(small_disk / "full"))
+    assert sorted(item.name for item in (small_disk / "full").glob("checkpoint_*") if item.is_dir()) == registered
+    assert not [item.name for item in scratch_root().glob("full-*")]
+    assert not (small_disk / ".full.lock").exists()
