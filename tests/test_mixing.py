@@ -90,8 +90,8 @@ def test_a_fractional_weight_takes_a_seeded_share(ray_local, tokenizer, tmp_path
 
 def test_rows_cut_inside_the_question_are_dropped_and_counted(ray_local, tokenizer, tmp_path):
     rows = [{"Question": f"Q{i}?", "Complex_CoT": "Think.", "Response": "Yes."} for i in range(10)]
-    for row in rows[:3]:
-        row["Question"] = "Why fever? " * 40
+    for number, row in enumerate(rows[:3]):
+        row["Question"] = f"Why fever {number}? " * 40  # distinct: data.dedupe keeps one of repeated rows
     path = _write_jsonl(tmp_path / "rows.jsonl", rows)
     short = {"path": str(path), "template": "Q: {question}\nA: <think>{cot}</think>{response}", "max_length": 40}
     data = build_datasets(_config({**short, "validation_fraction": 0}), tokenizer)
