@@ -1,8 +1,11 @@
-"""The `medray` command: `medray train|tune|report|generate|export ...`; `jobs/*.py` call it for `ray job submit`.
+"""The `medray` command; `jobs/*.py` call it for `ray job submit`.
 
 medray train                                   # the offline CPU demo preset (medray/presets/cpu-demo.yaml)
 medray train --config mistral7b-medical-o1 scaling.num_workers=2 scaling.use_gpu=true
-medray report ~/medray_results/medray-demo
+medray tune --config tune-cpu-demo             # a small Ray Tune search on CPU
+medray presets                                 # the presets, with the command that runs each
+medray config show --config cpu-demo lora.r=32 # the effective config (defaults filled) as YAML
+medray report ~/medray_results/medray-demo     # rewrite a run's report and print its summary
 medray generate ~/medray_results/medray-demo "What does ST elevation in II, III and aVF mean?"
 medray export ~/medray_results/medray-demo --merged ~/medray-demo-merged
 medray evaluate ~/medray_results/medray-demo --medqa medqa_4options.jsonl --limit 50
@@ -11,17 +14,20 @@ medray evaluate ~/medray_results/medray-demo --medqa medqa_4options.jsonl --limi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
+import yaml
+
+from medray import console
 from medray.config import ConfigError, MedrayConfig, load_config
-from medray.contracts import RunSummary
 from medray.evaluate import add_arguments as add_evaluate_arguments
 from medray.evaluate import command as evaluate_command
 from medray.failures import RunFailedError
-from medray.presets import resolve_preset
+from medray.presets import preset_names, preset_path, resolve_preset
 
 DEFAULT_PRESET = "cpu-demo"
+DEFAULT_TUNE_PRESET = "tune-cpu-demo"
 
 
 class UserError(Exception):
@@ -32,17 +38,20 @@ def config_from_args(args: argparse.Namespace) -> MedrayConfig:
     return load_config(resolve_preset(args.config), args.overrides)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML path (default {DEFAULT_PRESET})")
+def add_config_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_PRESET) -> None:
+    parser.add_argument(
+        "--config", default=default, help=f"preset name (see `medray presets`) or a YAML path (default {default})"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.max_steps=20")
 
 
 def train_command(args: argparse.Namespace) -> int:
     from medray.driver import run_training
+    from medray.report import summary_lines
 
     cfg = config_from_args(args)
     outcome = run_training(cfg)
-    _print_outcome(outcome.summary)
+    print("\n".join(summary_lines(outcome.run_dir)), flush=True)
     if cfg.eval.after_training:
         from medray.evaluate import evaluate_run, print_evaluation
 
@@ -68,7 +77,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from medray.report import write_report
+    from medray.report import summary_lines, write_report
     from medray.storage import StorageFolder, join
 
     folder = StorageFolder.of(args.run_dir)  # a local folder or one in object storage (s3://...)
@@ -76,7 +85,8 @@ def report_command(args: argparse.Namespace) -> int:
         raise UserError(f"{folder.uri} holds no summary.json; pass the folder of a finished medray run")
     with folder.staged(fetch=["summary.json", "history.json", "leaderboard.csv"]) as local:
         report = write_report(local, location=folder.uri)
-    print(f"report: {join(folder.uri, report.name)}")
+        print("\n".join(summary_lines(local)))
+    print(f"report: {join(folder.uri, report.name)} (and report.html, loss.png)")
     return 0
 
 
@@ -148,25 +158,32 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_outcome(summary: RunSummary) -> None:
-    best = summary.metrics["best"]
-    print(
-        f"steps {summary.steps} | best eval_loss {best.get('eval_loss', 'n/a')} | "
-        f"best checkpoint {summary.best_checkpoint} | report {summary.report}",
-        flush=True,
-    )
+def presets_command(args: argparse.Namespace) -> int:
+    for name in preset_names():
+        lines = preset_path(name).read_text().splitlines()
+        first = next((line for line in lines if line.startswith("#")), "#")
+        print(f"{name:24} {first.lstrip('# ').strip()}")
+    return 0
+
+
+def config_show_command(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False, width=120), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medray", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="fine-tune with LoRA under Ray Train")
+    parser.add_argument("--version", action="version", version=f"medray {_version()}")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' INFO logs too")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser("train", parents=[verbose], help="fine-tune with LoRA under Ray Train")
     add_config_arguments(train)
     train.set_defaults(handler=train_command)
-    tune = commands.add_parser("tune", help="hyperparameter search with Ray Tune (ASHA)")
-    add_config_arguments(tune)
+    tune = commands.add_parser("tune", parents=[verbose], help="hyperparameter search with Ray Tune (ASHA)")
+    add_config_arguments(tune, default=DEFAULT_TUNE_PRESET)
     tune.set_defaults(handler=tune_command)
-    report = commands.add_parser("report", help="write report.md and loss.png for a finished run")
+    report = commands.add_parser("report", help="rewrite a finished run's report and print its summary")
     report.add_argument("run_dir")
     report.set_defaults(handler=report_command)
     generate = commands.add_parser("generate", help="answer questions with a finished run's model")
@@ -180,12 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="base model vs tuned adapter: held-out loss, MedQA accuracy")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(handler=evaluate_command)
+    presets = commands.add_parser("presets", help="list the presets with the command that runs each")
+    presets.set_defaults(handler=presets_command)
+    config = commands.add_parser("config", help="show the effective config")
+    show = config.add_subparsers(dest="config_command", metavar="show", required=True)
+    config_show = show.add_parser("show", help="print the effective config as YAML (defaults filled)")
+    add_config_arguments(config_show)
+    config_show.set_defaults(handler=config_show_command)
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("medray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if hasattr(args, "verbose"):  # the commands that start Ray
+        console.configure(verbose=args.verbose)
     try:
         return args.handler(args)
     except (ConfigError, UserError, FileNotFoundError) as error:

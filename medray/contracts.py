@@ -57,6 +57,8 @@ class WorkerPlan(_Record):
     to the trainer from outside medray (see `medray.worker.WorkerContext`). Empty for users' runs."""
     extension_options: dict[str, Any] = field(default_factory=dict)
     """Settings for the extensions, by whatever keys they document (JSON-able values)."""
+    verbose: bool = False
+    """`medray ... --verbose`: keep the libraries' progress bars and developer warnings (medray.console)."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from medray import preflight, storage, tracking
+from medray import console, preflight, storage, tracking
 from medray.config import MedrayConfig
 from medray.contracts import RunSummary, WorkerPlan, WorkerResult
 from medray.failures import RunFailedError, describe_failure
@@ -116,6 +116,7 @@ def build_trainer(
         tracking=tracked or tracking.worker_plan(cfg, run_uri(cfg), trial=trial),
         extensions=list(extensions or []),
         extension_options=dict(extension_options or {}),
+        verbose=console.is_verbose(),
     )
     datasets = {"train": data.train}
     if has_validation:
@@ -137,6 +138,7 @@ def build_trainer(
         checkpoint_config=checkpoints,
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         callbacks=callbacks,
+        logging_config=console.train_logging_config(),
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -167,8 +169,7 @@ def run_training(
     root = storage_path(cfg)
     preflight.check_storage(root)
     preflight.check_model(cfg.model)
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()
     preflight.check_cluster(cfg.scaling)
     with RunLock(root, cfg.run.name):
         folder = inspect_run_folder(cfg, root)
@@ -223,6 +224,14 @@ def _finished_outcome(folder) -> TrainOutcome:
         summary_path,
     )
     return TrainOutcome(run_dir=folder.run_dir, summary_path=summary_path, summary=summary, result=None)
+
+
+def start_ray() -> None:
+    """Start a local Ray cluster (or join the one `RAY_ADDRESS` names) unless this process is connected already."""
+    if ray.is_initialized():
+        return
+    context = ray.init(**console.ray_init_options())
+    console.say(f"Ray {ray.__version__}: dashboard {context.dashboard_url or 'not running'}")
 
 
 def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: float) -> TrainOutcome:

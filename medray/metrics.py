@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sys
 import time
 from typing import Any
 
 import psutil
 import torch
+
+from medray.console import say
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +154,13 @@ class TrainingMetricsCallback:
         if self.rank == 0:
             total = state.max_steps if state.max_steps > 0 else self.total_steps
             elapsed = time.perf_counter() - self._start_time
-            line = progress_line(state.global_step, total, self._start_step, elapsed, logs)
-            # stderr: Ray Train V2 copies a worker's stdout into its stderr log, so a print would show twice in
-            # `ray job logs`.
-            print(line, file=sys.stderr, flush=True)
+            say(progress_line(state.global_step, total, self._start_step, elapsed, logs))
+
+    def on_save(self, args, state, control, **kwargs):
+        """One line per checkpoint on rank 0 (Ray Train then persists it and keeps the best by validation loss)."""
+        if self.rank == 0:
+            total = state.max_steps if state.max_steps > 0 else self.total_steps
+            say(f"step {state.global_step}/{total} | checkpoint saved")
 
     def _fields(self, state, logs: dict[str, Any]) -> dict[str, float]:
         """The figures for one log entry; an evaluation's entry gets none, and its time leaves the token rate."""
@@ -262,7 +266,7 @@ def nvml_fields(device: torch.device) -> dict[str, float]:
 
 
 def progress_line(step: int, total: int | None, start_step: int, elapsed: float, logs: dict[str, Any]) -> str:
-    """One line for the job log: `[medray] step 40/120 (33%) | loss 1.2340 | ... | ETA 0:01:30`.
+    """One line for the job log (`say` adds `[medray] `): `step 40/120 (33%) | loss 1.2340 | ... | ETA 0:01:30`.
 
     Args:
         step: The current optimizer step.
@@ -284,7 +288,7 @@ def progress_line(step: int, total: int | None, start_step: int, elapsed: float,
     parts.append(f"elapsed {_clock(elapsed)}")
     if total and step > start_step and step < total:
         parts.append(f"ETA {_clock(elapsed / (step - start_step) * (total - step))}")
-    return "[medray] " + " | ".join(parts)
+    return " | ".join(parts)
 
 
 def _clock(seconds: float) -> str:

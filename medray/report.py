@@ -14,8 +14,10 @@ carry the fields of `medray.metrics.TrainingMetricsCallback`. The driver writes 
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime
+import html
 import json
 import logging
 from pathlib import Path
@@ -31,10 +33,29 @@ FIGURE_SIZE_IN = (8, 5)
 FIGURE_DPI = 100
 LONGEST_VALUE = 100
 CPU_RUN = "n/a (CPU run)"
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
+th {{ background: #f4f4f4; }}
+img {{ max-width: 100%; }}
+code {{ background: #f4f4f4; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
 
 
 def write_report(run_dir: str | Path, location: str | None = None) -> Path:
-    """Write `report.md` and `loss.png` into a run folder.
+    """Write `report.md`, `loss.png` and `report.html` (the same report, the plot inline) into a run folder.
 
     Args:
         run_dir: The run folder (`{run.storage_path}/{run.name}`) or a Tune search folder.
@@ -56,9 +77,11 @@ def write_report(run_dir: str | Path, location: str | None = None) -> Path:
             f"{run_dir} holds no summary.json, history.json or leaderboard.csv; pass the folder of a finished run"
         )
     summary = summary or RunSummary()
-    plot_losses(history, run_dir / "loss.png", title=_run_name(summary, run_dir))
+    plot = plot_losses(history, run_dir / "loss.png", title=_run_name(summary, run_dir))
     report = run_dir / "report.md"
-    report.write_text(render_report(summary, history, leaderboard, run_dir))
+    markdown_text = render_report(summary, history, leaderboard, run_dir)
+    report.write_text(markdown_text)
+    report.with_suffix(".html").write_text(render_html(markdown_text, plot, title=_run_name(summary, run_dir)))
     return report
 
 
@@ -138,6 +161,16 @@ def eos_stop_table(eos_stop: dict[str, Any]) -> str:
         f"Greedy answers to the run's {where} that ended with EOS within {eos_stop['max_new_tokens']} new tokens.\n\n"
         + markdown_table(["model", "ended with EOS", "share"], rows)
     )
+
+
+def render_html(markdown_text: str, plot: Path, title: str) -> str:
+    """The report as one self-contained HTML page: the Markdown rendered, `loss.png` inlined as a data URI."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    encoded = base64.b64encode(plot.read_bytes()).decode("ascii")
+    body = body.replace(f'src="{plot.name}"', f'src="data:image/png;base64,{encoded}"')
+    return HTML_PAGE.format(title=html.escape(f"medray report: {title}"), body=body)
 
 
 def config_table(config: dict[str, Any]) -> str:
@@ -388,3 +421,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def summary_lines(run_dir: str | Path) -> list[str]:
+    """The report's overview as plain lines (what `medray train` and `medray report` print)."""
+    run_dir = Path(run_dir).expanduser()
+    summary_file = run_dir / "summary.json"
+    summary = read_summary(summary_file) if summary_file.is_file() else RunSummary()
+    history = _read_json(run_dir / "history.json", default=[])
+    return _overview(summary, history, run_dir).replace("`", "").split("  \n")

