@@ -78,6 +78,10 @@ class WorkerResult(_Record):
     """Ray node id of every rank, in rank order."""
     batch_layout: str | None = None
     """The micro-batch layout that ran: `padding_free` or `padded` (medray.batching)."""
+    effective: dict[str, Any] = field(default_factory=dict)
+    """What the run used where the config leaves a choice (`medray.worker.effective_values`): `backend`, `device`,
+    `optimizer`, `precision`, `per_device_batch_size`, `gradient_accumulation_steps`, `world_size`,
+    `rows_per_step`, `batch_layout`, `gradient_checkpointing`."""
     extensions: dict[str, list[Any]] = field(default_factory=dict)
     """Extension import path -> what its `result()` returned on every rank, in rank order."""
 
@@ -135,6 +139,12 @@ class RunSummary(_Summary):
     world_size: int | None = None
     node_ids: list[str] = field(default_factory=list)
     train_runtime_s: float | None = None
+    """Training time summed over every part of the run (see `parts`)."""
+    effective: dict[str, Any] = field(default_factory=dict)
+    """`WorkerResult.effective`: the optimizer, precision, device, backend and batch layout the run used."""
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per `fit()` of this run, oldest first (more than one after a resume): `from_step`, `to_step`,
+    `train_runtime_s`, `wall_time_s` (None for a part that was interrupted before it wrote its summary)."""
     kind: str = "run"
 
 

@@ -252,16 +252,64 @@ def write_outcome(cfg: MedrayConfig, data_stats: dict, result, *, wall_time_s: f
         batch_layout=returned.batch_layout,
         world_size=returned.world_size,
         node_ids=returned.node_ids,
-        train_runtime_s=returned.train_runtime_s,
-        wall_time_s=round(wall_time_s, 2),
+        effective=returned.effective,
     )
     with folder.staged() as local:  # the run folder itself, or a local copy uploaded when the block ends
+        # A local folder holds the previous part's summary.json; in object storage earlier parts come from the history.
+        summary.parts = run_parts(local / "summary.json", history, returned, round(wall_time_s, 2))
+        summary.train_runtime_s = _total(part["train_runtime_s"] for part in summary.parts)
+        summary.wall_time_s = _total(part["wall_time_s"] for part in summary.parts)
+        if len(summary.parts) > 1 and (whole_run := mean_train_loss(history)) is not None:
+            # The trainer's `train_loss` averages only the steps since the resume.
+            final = summary.metrics["final"]
+            final["train_loss_since_resume"], final["train_loss"] = final.get("train_loss"), whole_run
         (local / "history.json").write_text(json.dumps(history, indent=1))
         summary.to_json(local / "summary.json")
         summary.report = storage.report_uri(folder, write_report_or_warn(local, location=folder.uri))
         summary.to_json(local / "summary.json")
     summary_path = storage.join(folder.uri, "summary.json")
     return TrainOutcome(run_dir=folder.uri, summary_path=summary_path, summary=summary, result=result)
+
+
+def run_parts(previous: Path, history: list[dict], returned: WorkerResult, wall_time_s: float) -> list[dict]:
+    """Every part of the run so far, this one last: the earlier parts from the previous summary.json, or, for a
+    part interrupted before it wrote one, its training time as logged in the history (its wall time unknown)."""
+    resumed = returned.resumed_from_step
+    parts: list[dict] = []
+    if resumed:
+        if previous.is_file():
+            earlier = RunSummary.from_json(previous)
+            parts = [part for part in earlier.parts if (part.get("to_step") or 0) <= resumed]
+            if not earlier.parts and earlier.steps:  # a summary written before parts were recorded
+                parts = [_part(0, earlier.steps, earlier.train_runtime_s, earlier.wall_time_s)]
+        done = max((part.get("to_step") or 0 for part in parts), default=0)
+        if done < resumed:
+            logged = [
+                e["train_runtime_s"] for e in history if done < e.get("step", 0) <= resumed and "train_runtime_s" in e
+            ]
+            parts.append(_part(done, resumed, max(logged) if logged else None, None))
+    parts.append(_part(resumed or 0, returned.global_step, returned.train_runtime_s, wall_time_s))
+    return parts
+
+
+def _part(from_step, to_step, train_runtime_s, wall_time_s) -> dict:
+    return {"from_step": from_step, "to_step": to_step, "train_runtime_s": train_runtime_s, "wall_time_s": wall_time_s}
+
+
+def _total(values) -> float | None:
+    known = [value for value in values if value is not None]
+    return round(sum(known), 2) if known else None
+
+
+def mean_train_loss(history: list[dict]) -> float | None:
+    """The training loss over the whole run: each logged loss (a mean over the steps since the previous log)
+    weighted by the steps it covers."""
+    logged = sorted((entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry)
+    total, previous, weighted = 0, 0, 0.0
+    for step, loss in logged:
+        weighted += loss * (step - previous)
+        total, previous = total + (step - previous), step
+    return weighted / total if total else None
 
 
 def _final_metrics(history: list[dict]) -> dict[str, Any]:

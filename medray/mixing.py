@@ -54,13 +54,15 @@ def split_and_mix(
         conditions = [col("full_length") <= data.max_length]
     else:
         conditions = [col("cut_in_prompt") == False]  # noqa: E712 (a Ray Data expression, not a comparison)
-    trains, validations, per_source = [], [], []
+    trains, validations, per_source, train_keys_all, validation_keys_all = [], [], [], [], []
     for source in sources:
         mine = info[(info["source"] == source.index) & usable]
         if mine.empty:
             raise DataError(_nothing_left(source, data, info["source"] == source.index))
         where = [*conditions, col("source") == source.index]
         train, validation, train_keys = _split_source(prepared, mine, where, source, data, duplicates)
+        train_keys_all.append(train_keys)
+        validation_keys_all.append(np.setdiff1d(mine["split_key"].to_numpy(), train_keys))
         train = _weighted(train, train_keys, source.args.weight)
         trains.append(train)
         validations.append(validation)
@@ -91,6 +93,10 @@ def split_and_mix(
         "tokens_train": int(totals["length"].sum()),
         "loss_tokens_train": int(sum(int((np.asarray(labels) != -100).sum()) for labels in totals["labels"])),
         "sources": per_source,
+        # Split keys hash the sample text: equal keys are the same sample (possible across sources).
+        "rows_validation_in_train": int(
+            np.isin(np.concatenate(validation_keys_all), np.concatenate(train_keys_all)).sum()
+        ),
     }
     return PreparedData(train=train, validation=validation, stats=stats)
 

@@ -1,9 +1,13 @@
-"""A finished run's folder -> `report.md` (Markdown tables) and `loss.png` (training and validation loss by step).
+"""A finished run's folder -> `report.md` (Markdown tables), `loss.png` (training and validation loss by step) and
+`report.html` (the same report as one page, the plot inline).
 
-The report holds, like the reference notebook's closing cells: the run's configuration; training and validation loss
-at every logged step, the best validation loss marked; training time, throughput and GPU memory (peak reserved,
-reserved by the base model before training, added by LoRA training, each also as a % of the GPU's memory); and, for
-a Ray Tune search whose folder holds `leaderboard.csv`, the leaderboard.
+The report holds, like the reference notebook's closing cells: the recipe with the values the run used (optimizer,
+precision, backend, device, batch layout) and the keys changed from the defaults; warnings where the numbers
+mislead (few validation rows, more passes than the configured epochs, validation rows also in training); training
+and validation loss at every logged step, the best validation loss marked; training time (summed over the parts of a
+resumed run), throughput and GPU memory (peak reserved, reserved by the base model before training, added by LoRA
+training, each also as a % of the GPU's memory); and, for a Ray Tune search whose folder holds `leaderboard.csv`,
+the leaderboard.
 
 It reads only files of the run folder: `summary.json` and `history.json` (see docs/architecture.md), whose entries
 carry the fields of `medray.metrics.TrainingMetricsCallback`. The driver writes the report at the end of every run;
@@ -33,6 +37,7 @@ FIGURE_SIZE_IN = (8, 5)
 FIGURE_DPI = 100
 LONGEST_VALUE = 100
 CPU_RUN = "n/a (CPU run)"
+FEW_VALIDATION_ROWS = 10
 HTML_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -106,8 +111,11 @@ def render_report(
     sections = [
         f"# medray report: {_run_name(summary, run_dir)}",
         _overview(summary, history, location or run_dir),
-        "## Configuration",
-        config_table(summary.config),
+        *warnings_section(summary),
+        "## Recipe",
+        recipe_table(summary),
+        "## Changed from the defaults",
+        changed_table(summary.config),
         "## Training and validation loss",
         "![training and validation loss](loss.png)",
         loss_table(history),
@@ -147,6 +155,12 @@ def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir:
         lines.append(f"Dropped (cut before the answer by data.max_length): {data['rows_dropped_cut_in_prompt']} rows")
     if summary.best_checkpoint:
         lines.append(f"Best checkpoint: `{summary.best_checkpoint}`")
+    effective = getattr(summary, "effective", None) or {}
+    if effective:
+        lines.append(
+            f"Ran with: {effective.get('backend')} on {effective.get('device')}, {effective.get('optimizer')}, "
+            f"{effective.get('precision')}, {effective.get('rows_per_step')} rows per optimizer step"
+        )
     return "  \n".join(lines)
 
 
@@ -163,6 +177,123 @@ def eos_stop_table(eos_stop: dict[str, Any]) -> str:
     )
 
 
+def recipe_table(summary: RunSummary | SearchSummary) -> str:
+    """The recipe in a dozen rows, with the values the run used where they differ from the configured ones."""
+    config = summary.config
+    if not config:
+        return "No configuration: the folder holds no summary.json."
+    model, lora, data, train = (config.get(key, {}) for key in ("model", "lora", "data", "train"))
+    effective = getattr(summary, "effective", None) or {}
+    workers = effective.get("world_size") or config.get("scaling", {}).get("num_workers", 1)
+    batch, accumulation = train.get("per_device_batch_size"), train.get("gradient_accumulation_steps")
+    stats = summary.data or {}
+    rows = [
+        ["model", model.get("name")],
+        ["data", _data_source(data)],
+        ["rows", f"{stats.get('rows_train', 'n/a')} training, {stats.get('rows_validation', 'n/a')} validation"],
+        [
+            "LoRA",
+            f"r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+            f"{len(lora.get('target_modules') or [])} target modules",
+        ],
+        ["max length", f"{data.get('max_length')} tokens ({data.get('overlong')} longer samples)"],
+        [
+            "batch",
+            f"{batch} x grad-accum {accumulation} x {workers} worker(s) = {batch * accumulation * workers} "
+            f"rows per optimizer step" + (f" ({effective['batch_layout']})" if effective.get("batch_layout") else ""),
+        ],
+        [
+            "learning rate",
+            f"{train.get('learning_rate')} ({train.get('lr_scheduler')}, warmup {train.get('warmup_steps')} steps)",
+        ],
+        ["optimizer", _used(effective.get("optimizer"), train.get("optim"))],
+        ["precision", _used(effective.get("precision"), train.get("precision"))],
+        ["steps", _steps(train, summary)],
+        [
+            "evaluation",
+            f"every {train.get('eval_steps')} steps, early stopping patience {train.get('early_stopping_patience')}",
+        ],
+        [
+            "backend, device",
+            f"{_used(effective.get('backend'), model.get('backend'))}, {effective.get('device', 'n/a')}",
+        ],
+    ]
+    return markdown_table(["", "value"], [[name, str(value)] for name, value in rows])
+
+
+def changed_table(config: dict[str, Any]) -> str:
+    """The keys whose values differ from medray's defaults (`tune.*` and unused data sources left out)."""
+    from medray.config import MedrayConfig
+
+    if not config:
+        return "No configuration: the folder holds no summary.json."
+    defaults = dict(config_rows(MedrayConfig().to_dict()))
+    data = config.get("data", {})
+    unused = ("data.hub_id", "data.hub_config", "data.hub_split") if data.get("path") or data.get("sources") else ()
+    rows = [
+        [key, _cell(value), _cell(defaults.get(key))]
+        for key, value in config_rows(config)
+        if not key.startswith("tune.") and key not in unused and (key not in defaults or defaults[key] != value)
+    ]
+    return markdown_table(["key", "value", "default"], rows) if rows else "Every key has its default value."
+
+
+def run_warnings(summary: RunSummary | SearchSummary) -> list[str]:
+    """Where the report's numbers mislead: too few validation rows, more passes than the configured epochs,
+    validation rows that also appear in training."""
+    stats, train = summary.data or {}, summary.config.get("train", {})
+    found = []
+    validation = stats.get("rows_validation")
+    if validation is not None and 0 < validation < FEW_VALIDATION_ROWS:
+        found.append(
+            f"The validation loss is a mean over {validation} row(s): too few to rank checkpoints by; "
+            "use more rows or a larger data.validation_fraction."
+        )
+    rows_train, steps = stats.get("rows_train"), summary.steps
+    effective = getattr(summary, "effective", None) or {}
+    per_step = effective.get("rows_per_step")
+    if train.get("max_steps", -1) > 0 and rows_train and steps and per_step:
+        passes = steps * per_step / rows_train
+        if passes > train.get("num_epochs", 1) * 1.05:
+            found.append(
+                f"train.max_steps={train['max_steps']} made {passes:.1f} passes over the {rows_train} training rows; "
+                f"train.num_epochs={train.get('num_epochs')} does not apply when max_steps is set."
+            )
+    overlap = stats.get("rows_validation_in_train")
+    if overlap:
+        found.append(
+            f"{overlap} of the {validation} validation rows also appear in the training rows: the validation loss "
+            "measures memorisation there."
+        )
+    return found
+
+
+def warnings_section(summary: RunSummary | SearchSummary) -> list[str]:
+    found = run_warnings(summary)
+    return ["## Read with care", "\n".join(f"- {text}" for text in found)] if found else []
+
+
+def _data_source(data: dict[str, Any]) -> str:
+    if data.get("sources"):
+        return ", ".join(str(source.get("path") or source.get("hub_id")) for source in data["sources"])
+    if data.get("path"):
+        return str(data["path"])
+    return f"{data.get('hub_id')} ({data.get('hub_config')}, {data.get('hub_split')})"
+
+
+def _used(effective: Any, configured: Any) -> str:
+    if effective is None:
+        return str(configured)
+    return str(effective) if effective == configured else f"{effective} (configured: {configured})"
+
+
+def _steps(train: dict[str, Any], summary: RunSummary | SearchSummary) -> str:
+    ran = f"{summary.steps} optimizer steps" if summary.steps is not None else "n/a"
+    if train.get("max_steps", -1) > 0:
+        return f"{ran} (train.max_steps={train['max_steps']})"
+    return f"{ran} ({train.get('num_epochs')} epoch(s))"
+
+
 def render_html(markdown_text: str, plot: Path, title: str) -> str:
     """The report as one self-contained HTML page: the Markdown rendered, `loss.png` inlined as a data URI."""
     import markdown
@@ -171,13 +302,6 @@ def render_html(markdown_text: str, plot: Path, title: str) -> str:
     encoded = base64.b64encode(plot.read_bytes()).decode("ascii")
     body = body.replace(f'src="{plot.name}"', f'src="data:image/png;base64,{encoded}"')
     return HTML_PAGE.format(title=html.escape(f"medray report: {title}"), body=body)
-
-
-def config_table(config: dict[str, Any]) -> str:
-    """Markdown table `section.key | value` of the run's configuration."""
-    if not config:
-        return "No configuration: the folder holds no summary.json."
-    return markdown_table(["key", "value"], [[key, _cell(value)] for key, value in config_rows(config)])
 
 
 def config_rows(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -235,6 +359,7 @@ def time_and_memory_rows(summary: RunSummary | SearchSummary, history: list[dict
     rows = [
         ["training time", _duration(runtime)],
         ["job wall time (data preparation included)", _duration(summary.wall_time_s)],
+        *_parts_rows(getattr(summary, "parts", None) or []),
         ["workers", str(world_size)],
         ["tokens/s, all workers (run average)", _number(last.get("tokens_per_s_avg"), ".0f")],
         ["tokens/s per worker (run average)", _number(_divide(last.get("tokens_per_s_avg"), world_size), ".0f")],
@@ -242,6 +367,16 @@ def time_and_memory_rows(summary: RunSummary | SearchSummary, history: list[dict
         ["peak process RSS (rank 0)", _number(_max(history, "rss_gb"), ".2f", " GB")],
     ]
     return rows + gpu_rows(history, last)
+
+
+def _parts_rows(parts: list[dict[str, Any]]) -> list[list[str]]:
+    """With a resume: the run's parts, since the times above are their sums."""
+    if len(parts) < 2:
+        return []
+    text = "; ".join(
+        f"steps {part['from_step']}-{part['to_step']}: {_duration(part.get('train_runtime_s'))}" for part in parts
+    )
+    return [["parts (training resumed; times above are sums)", text]]
 
 
 def gpu_rows(history: list[dict], last: dict[str, Any]) -> list[list[str]]:

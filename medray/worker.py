@@ -116,8 +116,27 @@ def _train_loop(config: dict[str, Any]) -> WorkerResult | None:
         world_size=world_size,
         node_ids=node_ids,
         batch_layout=trainer.batch_layout,
+        effective=effective_values(trainer, backend, world_size, device),
         extensions=extension_results,
     )
+
+
+def effective_values(trainer, backend: str, world_size: int, device: torch.device) -> dict[str, Any]:
+    """What the run used where the config leaves a choice (e.g. `adamw_8bit` becomes `adamw_torch` on CPU)."""
+    args = trainer.args
+    optimizer = getattr(args.optim, "value", args.optim)
+    return {
+        "backend": backend,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "optimizer": str(optimizer),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": world_size,
+        "rows_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size,
+        "batch_layout": trainer.batch_layout,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+    }
 
 
 def _build_trainer(cfg, plan: WorkerPlan, rank: int, model, tokenizer, backend, train_shard, eval_shard):

@@ -195,3 +195,14 @@ def test_the_reported_validation_loss_covers_the_completion_only(ray_local, tiny
     eval_loss = outcome.summary.metrics["final"]["eval_loss"]
     assert eval_loss == pytest.approx(expected["completion"], abs=5e-4)
     assert outcome.summary.data["loss_tokens_train"] < outcome.summary.data["tokens_train"]
+
+
+def test_validation_rows_that_another_source_trains_on_are_counted(ray_local, tokenizer, tmp_path):
+    rows = _team_rows(40)
+    whole, part = _write_jsonl(tmp_path / "whole.jsonl", rows), _write_jsonl(tmp_path / "part.jsonl", rows[:20])
+    sources = [{"path": str(whole)}, {"path": str(part)}]
+    data = build_datasets(_config({"sources": sources, "format": "chat", "validation_fraction": 0.2}), tokenizer)
+    train = {tuple(row["input_ids"]) for row in data.train.take_all()}
+    validation = [tuple(row["input_ids"]) for row in data.validation.take_all()]
+    overlap = sum(ids in train for ids in validation)
+    assert data.stats["rows_validation_in_train"] == overlap > 0

@@ -139,21 +139,15 @@ def test_gpu_run_memory_rows_in_gb_and_percent(tmp_path):
     assert rows["GPU power (mean of the logged values)"] == "500 W"
 
 
-def test_configuration_table_flattens_every_key(tmp_path):
-    markdown = write_report(make_run(tmp_path / "run", synthetic_history())).read_text()
-    rows = dict(read_table(markdown, "Configuration"))
-    config = MedrayConfig().to_dict()
-    leaves = [
-        f"{section}.{key}" for section, values in config.items() for key in values if key not in ("space", "columns")
-    ]
-    leaves += [f"data.columns.{key}" for key in config["data"]["columns"]]
-    space = [f"tune.space.{key}.{sampler}" for key, spec in config["tune"]["space"].items() for sampler in spec]
-    assert set(rows) == set(leaves) | set(space)
-    assert rows["run.name"] == "report-test" and rows["scaling.num_workers"] == "2"
-    assert rows["lora.r"] == "16" and rows["train.learning_rate"] == "0.0002" and rows["tune.num_samples"] == "4"
-    assert rows["tune.space.lora.r.choice"] == "8, 16, 32"
-    assert rows["lora.target_modules"] == "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-    assert rows["data.template"].endswith("characters, see summary.json)") and "\n" not in rows["data.template"]
+def test_changed_keys_table_names_each_changed_key_once_and_cuts_long_values(tmp_path):
+    run = make_run(tmp_path / "run", synthetic_history())
+    summary = json.loads((run / "summary.json").read_text())
+    summary["config"]["data"]["template"] = "### Q\n{question}\n" * 20
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = {row[0]: row[1:] for row in read_table(write_report(run).read_text(), "Changed from the defaults")}
+    assert set(rows) == {"data.template", "scaling.num_workers", "run.name"}
+    assert rows["scaling.num_workers"] == ["2", "1"] and rows["run.name"] == ["report-test", "medray-run"]
+    assert rows["data.template"][0].endswith("characters, see summary.json)") and "\n" not in rows["data.template"][0]
 
 
 def test_tune_leaderboard_is_a_fourth_table(tmp_path):
