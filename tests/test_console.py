@@ -62,3 +62,17 @@ def test_console_is_short(cli_run):
     others = [line for line in lines if line not in medray]
     assert len(others) <= 15, "\n".join(others)
     assert len(lines) <= 35
+
+
+def test_summary_records_what_the_run_used(cli_run):
+    import json
+
+    run_dir, _ = cli_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["effective"]["optimizer"] == "adamw_torch"  # the preset's adamw_8bit needs CUDA
+    assert summary["effective"]["device"] == "cpu" and summary["effective"]["precision"] == "fp32"
+    assert summary["effective"]["rows_per_step"] == 4  # batch 2 x grad-accum 2 x 1 worker
+    assert [(part["from_step"], part["to_step"]) for part in summary["parts"]] == [(0, MAX_STEPS)]
+    assert summary["parts"][0]["train_runtime_s"] > 0
+    assert summary["train_runtime_s"] == pytest.approx(summary["parts"][0]["train_runtime_s"], abs=0.01)
+    assert "adamw_torch (configured: adamw_8bit)" in (run_dir / "report.html").read_text()
