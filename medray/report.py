@@ -84,7 +84,7 @@ def write_report(run_dir: str | Path, location: str | None = None) -> Path:
     summary = summary or RunSummary()
     plot = plot_losses(history, run_dir / "loss.png", title=_run_name(summary, run_dir))
     report = run_dir / "report.md"
-    markdown_text = render_report(summary, history, leaderboard, run_dir)
+    markdown_text = render_report(summary, history, leaderboard, run_dir, location=location)
     report.write_text(markdown_text)
     report.with_suffix(".html").write_text(render_html(markdown_text, plot, title=_run_name(summary, run_dir)))
     return report
