@@ -201,7 +201,8 @@ def test_validation_rows_that_another_source_trains_on_are_counted(ray_local, to
     rows = _team_rows(40)
     whole, part = _write_jsonl(tmp_path / "whole.jsonl", rows), _write_jsonl(tmp_path / "part.jsonl", rows[:20])
     sources = [{"path": str(whole)}, {"path": str(part)}]
-    data = build_datasets(_config({"sources": sources, "format": "chat", "validation_fraction": 0.2}), tokenizer)
+    config = _config({"sources": sources, "format": "chat", "validation_fraction": 0.2, "dedupe": False})
+    data = build_datasets(config, tokenizer)
     train = {tuple(row["input_ids"]) for row in data.train.take_all()}
     validation = [tuple(row["input_ids"]) for row in data.validation.take_all()]
     overlap = sum(ids in train for ids in validation)
