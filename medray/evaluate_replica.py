@@ -27,6 +27,7 @@ from medray.inference import (
 )
 from medray.lm_scoring import choice_logliks, sequence_nll
 from medray.medqa import MedqaQuestion
+from medray.prompts import uses_tokenizer_specials
 from medray.scoring import score_generation, score_loglik
 
 BASE, TUNED = "base", "tuned"
@@ -82,7 +83,8 @@ class EvalReplica:
         return choice_logliks(self.model, self.tokenizer, prompts, choices, self.spec["batch_size"])
 
     def generate(self, prompts: list[str]) -> list[Generation]:
-        return generate_batch(self.model, self.tokenizer, prompts, self.settings)
+        specials = uses_tokenizer_specials(self.cfg)  # a chat-format prompt already holds BOS
+        return generate_batch(self.model, self.tokenizer, prompts, self.settings, add_special_tokens=specials)
 
     def prompt(self, question: str) -> str:
-        return build_prompt(self.cfg, question)
+        return build_prompt(self.cfg, question, self.tokenizer)
