@@ -169,9 +169,9 @@ def test_worker_deaths_resume_and_the_run_folder_is_guarded(cluster, tiny_mistra
     watcher.join(60)
     assert refused and f"run folder {run_dir} is in use by another medray run (pid {os.getpid()}" in refused[0]
     summary = outcome.summary
-    assert summary["steps"] == STEPS and history_steps(run_dir)[-1] == STEPS
-    assert summary["resumed_from_step"] > max(first_checkpoints)  # the second kill's restart resumed, mid-run
-    assert Path(summary["best_checkpoint"], "adapter_model.safetensors").is_file()
+    assert summary.steps == STEPS and history_steps(run_dir)[-1] == STEPS
+    assert summary.resumed_from_step > max(first_checkpoints)  # the second kill's restart resumed, mid-run
+    assert Path(summary.best_checkpoint, "adapter_model.safetensors").is_file()
 
     # 3. Nothing is left in local scratch, and no secret reached a file of the run or of Ray's session folder.
     assert not [item.name for item in scratch_root().glob("killed-*")]
@@ -188,7 +188,7 @@ def test_worker_deaths_resume_and_the_run_folder_is_guarded(cluster, tiny_mistra
 
     # 4. The finished run is not trained again; a changed adapter shape is refused before anything starts.
     again = run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=1"))
-    assert again.result is None and again.summary["steps"] == STEPS and again.summary_path == f"{run_dir}/summary.json"
+    assert again.result is None and again.summary.steps == STEPS and again.summary_path == f"{run_dir}/summary.json"
     with pytest.raises(ResumeError, match=r"another model or data \(lora.r: 8 -> 16\)"):
         run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "lora.r=16"))
 
@@ -208,8 +208,8 @@ def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tiny_mistral_di
     assert max(at_kill) < STEPS
 
     outcome = run_training(tiny(tmp_path, tiny_mistral_dir, "driver"))
-    assert outcome.summary["resumed_from_step"] >= max(at_kill)
-    assert outcome.summary["steps"] == STEPS and history_steps(run_dir)[-1] == STEPS
+    assert outcome.summary.resumed_from_step >= max(at_kill)
+    assert outcome.summary.steps == STEPS and history_steps(run_dir)[-1] == STEPS
     assert not (tmp_path / ".driver.lock").exists()
     assert not [item.name for item in scratch_root().glob("driver-*")]  # the killed attempt's scratch too
 
