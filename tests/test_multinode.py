@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PRESET = ROOT / "jobs" / "configs" / "tiny-test.yaml"
+TINY_PRESET = "tiny-test"  # shipped in medray/presets
 
 # A driver on its own: connect to the cluster, train, print where the summary went (the CLI's last line).
 DRIVER = """
