@@ -13,13 +13,14 @@ Unsloth or TRL infers from the dataset:
 
 A row's `labels` (the loss mask: -100 on prompt tokens) are kept when the row has them; otherwise labels = input_ids.
 
-    layout = resolve_layout(cfg.train, backend, cfg.model.attn_implementation)   # "padding_free" or "padded"
+    layout = resolve_layout(cfg.train.padding, backend, cfg.model.attn_implementation)   # "padding_free" or "padded"
     collate = RowCollator(layout, pad_token_id=0, packed_seq_lengths=backend == "unsloth")
     batch = collate({"input_ids": [[1, 5, 6], [1, 7]]})   # input_ids [1, 5], position_ids [[0, 1, 2, 0, 1]]
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,15 +38,30 @@ FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 def resolve_layout(padding: str, backend: str, attn_implementation: str) -> str:
     """`train.padding` -> the layout this worker trains with.
 
-    `auto` is padding-free where it is also the faster layout: on unsloth (varlen attention per row) and on the hf
-    backend with flash-attention. On hf eager / sdpa, packed rows are correct but attend through one dense
-    [N, N] block-diagonal mask, costlier than the padding it saves, so `auto` pads there.
+    `auto` is padding-free where it is also the faster layout, i.e. where a varlen attention kernel runs each packed
+    row on its own: on unsloth with flash-attn or xformers installed, and on the hf backend with flash-attention.
+    Without one, packed rows are correct but attend through a dense block-diagonal mask (Unsloth's SDPA fallback;
+    transformers' eager / sdpa), costlier than the padding it saves, so `auto` pads there (measured on one H200,
+    torch 2.11 without flash-attn/xformers: padding-free 6,372 tokens/s against padded 7,712; docs/benchmarks.md).
     """
     if padding != "auto":
         return padding
-    if backend == "unsloth" or attn_implementation in FLASH_ATTENTION:
+    if backend == "unsloth" and varlen_attention_installed():
+        return "padding_free"
+    if backend != "unsloth" and attn_implementation in FLASH_ATTENTION:
         return "padding_free"
     return "padded"
+
+
+def varlen_attention_installed() -> bool:
+    """Whether Unsloth has a varlen kernel for packed rows (flash-attn, else xformers; else it falls back to SDPA
+    with a dense mask: `unsloth.utils.attention_dispatch.select_attention_backend`)."""
+    return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "xformers"))
+
+
+def groups_by_length(length_grouping: bool | None, layout: str) -> bool:
+    """`train.length_grouping` for this layout: unset means on for padded micro-batches (it only removes padding)."""
+    return layout == "padded" if length_grouping is None else length_grouping
 
 
 def layout_problem(padding: str, backend: str, attn_implementation: str) -> str | None:

@@ -239,12 +239,13 @@ class TrainArgs(Section):
     padding: Literal["auto", "padding_free", "padded"] = "auto"
     """Micro-batch layout, collated by medray (`medray.batching`): `padding_free` concatenates each micro-batch's
     rows into one sequence (position ids restart per row, attention stays inside each row, no pad tokens);
-    `padded` pads rows to the longest; `auto` is padding-free on unsloth and on hf with flash-attention, padded on
-    hf eager/sdpa (correct there too, but through a dense [N, N] mask that costs more than the padding it saves)."""
-    length_grouping: bool = False
+    `padded` pads rows to the longest; `auto` is padding-free where a varlen attention kernel exists (unsloth with
+    flash-attn or xformers installed; hf with flash-attention), padded elsewhere (packed rows are correct there too,
+    but attend through a dense block-diagonal mask that costs more than the padding it saves)."""
+    length_grouping: bool | None = None
     """Sort the rows of each optimizer step by length before cutting them into micro-batches: every step keeps its
-    rows (same effective batch, same optimizer steps), padded micro-batches carry less padding. Not with
-    `padding=padding_free` (no padding to save)."""
+    rows (same effective batch, same optimizer steps), padded micro-batches carry less padding. Unset: on whenever
+    the micro-batches are padded. Not with `padding=padding_free` (no padding to save)."""
     pad_to_multiple_of: int | None = Field(None, ge=1)
     """Pad every micro-batch to a multiple of this many tokens, so fewer distinct shapes reach compiled kernels
     (padding-free: one trailing segment of pad tokens that attends only to itself)."""
@@ -355,7 +356,7 @@ class MedrayConfig(Section):
     def _check_batch_layout(self) -> MedrayConfig:
         """`train.padding` must take effect: refuse the combinations where it could not (see medray.batching)."""
         train, model = self.train, self.model
-        if train.padding == "padding_free" and train.length_grouping:
+        if train.padding == "padding_free" and train.length_grouping is True:
             raise ValueError(
                 "train.length_grouping=true only removes padding, and train.padding=padding_free has none: "
                 "drop one of them"

@@ -26,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from medray.batching import RowCollator, layout_problem, resolve_layout
+from medray.batching import RowCollator, groups_by_length, layout_problem, resolve_layout
 from medray.config import MedrayConfig, TrainArgs
 from medray.console import quiet_worker
 from medray.contracts import WorkerPlan, WorkerResult
@@ -168,8 +168,9 @@ def _build_trainer(cfg, plan: WorkerPlan, rank: int, model, tokenizer, backend, 
             layout,
         )
     collate = RowCollator(layout, tokenizer.pad_token_id, cfg.train.pad_to_multiple_of, backend == "unsloth")
-    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train, _ray_collate(collate), args.device)
-    trainer.batch_layout = layout
+    grouping = groups_by_length(cfg.train.length_grouping, layout)
+    trainer.ray_streams = _RayStreams(train_shard, eval_shard, cfg.train, _ray_collate(collate), args.device, grouping)
+    trainer.batch_layout = layout + (", length-grouped" if grouping else "")
     if eval_shard is not None and cfg.train.early_stopping_patience > 0:
         trainer.add_callback(
             EarlyStoppingCallback(
@@ -266,7 +267,7 @@ def _ray_collate(collate):
 class _RayStreams:
     """DataLoaders over this worker's Ray shards: already split per worker, so nothing shards them again."""
 
-    def __init__(self, train_shard, eval_shard, train: TrainArgs, collate, device: torch.device):
+    def __init__(self, train_shard, eval_shard, train: TrainArgs, collate, device: torch.device, length_grouping: bool):
         self.train_shard, self.eval_shard = train_shard, eval_shard
         self.batch_size, self.collate = train.per_device_batch_size, collate
         self.eval_batch_size = train.eval_batch_size or train.per_device_batch_size
@@ -274,7 +275,7 @@ class _RayStreams:
         # counts across ranks from the batch before the trainer moves it, and NCCL refuses CPU tensors.
         self.device = device
         self.step_rows = train.per_device_batch_size * train.gradient_accumulation_steps
-        self.length_grouping = train.length_grouping
+        self.length_grouping = length_grouping
         self.on_train_batch = None  # called with every training micro-batch's rows, in training order
         self.train_passes = 0
         self._eval_batches: list | None = None

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from medray.batching import IGNORE_INDEX, RowCollator, layout_problem, resolve_layout
+from medray import batching
+from medray.batching import IGNORE_INDEX, RowCollator, groups_by_length, layout_problem, resolve_layout
 from medray.config import ConfigError, load_config
 
 ROWS = {"input_ids": np.array([np.array([1, 11, 12, 13]), np.array([1, 21, 22])], dtype=object)}
@@ -50,13 +51,23 @@ def test_labels_that_do_not_match_their_row_are_refused():
         RowCollator("padded", pad_token_id=0)({**ROWS, "labels": [[1, 11, 12, 13], [1, 21]]})
 
 
-def test_auto_resolves_per_backend_and_attention():
+def test_auto_resolves_per_backend_and_attention(monkeypatch):
+    monkeypatch.setattr(batching, "varlen_attention_installed", lambda: True)
     assert resolve_layout("auto", "unsloth", "sdpa") == "padding_free"
+    monkeypatch.setattr(batching, "varlen_attention_installed", lambda: False)  # Unsloth would use a dense mask
+    assert resolve_layout("auto", "unsloth", "sdpa") == "padded"
     assert resolve_layout("auto", "hf", "flash_attention_2") == "padding_free"
     assert resolve_layout("auto", "hf", "sdpa") == "padded"
     assert resolve_layout("padding_free", "hf", "sdpa") == "padding_free"
     assert layout_problem("padding_free", "hf", "sdpa") is None
     assert "keeps packed rows apart" in layout_problem("padding_free", "hf", "my-kernel")
+
+
+def test_length_grouping_is_on_for_padded_micro_batches_unless_set():
+    assert load_config(None, []).train.length_grouping is None
+    assert groups_by_length(None, "padded") and not groups_by_length(None, "padding_free")
+    assert not groups_by_length(False, "padded") and groups_by_length(True, "padded")
+    assert load_config(None, ["train.padding=padding_free"]).train.padding == "padding_free"  # grouping unset: fine
 
 
 def test_config_refuses_a_padding_that_could_not_take_effect():
@@ -131,7 +142,7 @@ def test_the_workers_ray_loaders_feed_padding_free_batches(ray_local):
                                "train.eval_batch_size=5"]).train  # fmt: skip
     shard = ray.data.from_items(rows).iterator()
     collate = _ray_collate(RowCollator("padding_free", pad_token_id=0))
-    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"))
+    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=False)
     first = [row_lengths(batch) for _, batch in zip(range(4), streams.train_loader(), strict=False)]
     assert [len(lengths) for lengths in first] == [2, 2, 2, 2]
     assert len({n for lengths in first for n in lengths}) == 8  # 8 different rows: two steps, nothing repeated

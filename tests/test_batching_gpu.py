@@ -44,7 +44,7 @@ def unsloth_config(model_dir, tmp_path, *overrides: str):
 def unsloth_model(tiny_mistral_dir, tmp_path_factory):
     from medray.model import load_model
 
-    cfg = unsloth_config(tiny_mistral_dir, tmp_path_factory.mktemp("runs"))
+    cfg = unsloth_config(tiny_mistral_dir, tmp_path_factory.mktemp("runs"), "train.padding=padding_free")
     model, tokenizer = load_model(cfg, "unsloth", torch.device("cuda", 0))
     return cfg, model, tokenizer
 
@@ -114,3 +114,22 @@ def test_the_workers_trainer_stays_padding_free_and_trains(unsloth_model, tmp_pa
     trainer.remove_callback(RayTrainReportCallback)  # it reports to Ray Train, which this test runs without
     output = trainer.train()
     assert trainer.state.global_step == 3 and np.isfinite(output.training_loss)
+
+
+def test_auto_pads_and_groups_by_length_without_a_varlen_kernel(unsloth_model, tiny_mistral_dir, tmp_path):
+    """`train.padding=auto` on Unsloth: padding-free only with flash-attn or xformers installed; padded (and grouped by
+    length) on an image with neither, where Unsloth would attend packed rows through a dense mask."""
+    import ray.data
+
+    from medray.batching import varlen_attention_installed
+    from medray.contracts import WorkerPlan
+    from medray.worker import _build_trainer
+
+    _, model, tokenizer = unsloth_model
+    cfg = unsloth_config(tiny_mistral_dir, tmp_path)
+    shard = ray.data.from_items([{"input_ids": ids.tolist(), "length": len(ids)} for ids in rows_of(tokenizer)]).iterator()
+    plan = WorkerPlan(run_id="auto-layout-gpu", max_steps=1, has_validation=False)
+    trainer = _build_trainer(cfg, plan, 0, model, tokenizer, "unsloth", shard, None)
+    expected = "padding_free" if varlen_attention_installed() else "padded, length-grouped"
+    assert trainer.batch_layout == expected
+    assert trainer.args.padding_free is (expected == "padding_free")

@@ -4,6 +4,7 @@
 #
 #   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz side [DEADLINE_S]        # 2 x H200 (nvidia-h200-x2), ~470 s
 #   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz reference 575            # 1 x H200, ~520 s (timeout_s 600)
+#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz side1 575                # 1 x H200, the side-by-side in series
 #
 # side: one process per run, GPU 0 | GPU 1 at once, bare Unsloth beside medray (1 GPU) at the same shape:
 #   real-length rows 4 x 4 (the bare run also times an evaluation of 1,971 real-length rows at micro-batch 4,
@@ -43,6 +44,12 @@ case "$MODE" in
     bench medray1_full_4x4 1 200 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4 &
     wait
     ;;
+  side1)  # one GPU: the floors' pairs one after the other (real 4 x 4, then full 4 x 4), each skipped if time is short
+    bench bare_real_4x4 0 150 --variant bare "${REAL[@]}" --batch 4 --grad-accum 4
+    bench medray1_real_4x4 0 180 "${MEDRAY[@]}" "${REAL[@]}" --batch 4 --grad-accum 4 --profile
+    bench medray1_full_4x4 0 130 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4
+    bench bare_full_4x4 0 120 --variant bare "${FULL[@]}" --batch 4 --grad-accum 4
+    ;;
   reference)
     limit=$(( $(left) - 15 ))
     (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$limit" "${PYTHON:-python3}" "$REPO/benchmarks/reference_run.py" \
@@ -62,6 +69,6 @@ case "$MODE" in
     bench knob_free_128 1 160 "${K[@]}" --pad-multiple 128 &
     wait
     ;;
-  *) echo "unknown mode $MODE: side, reference or knobs"; exit 2 ;;
+  *) echo "unknown mode $MODE: side, side1, reference or knobs"; exit 2 ;;
 esac
 summary
