@@ -299,9 +299,11 @@ class _RayStreams:
 
     def eval_loader(self):
         # The validation shard is small and the same at every evaluation: read it from Ray once, then reuse it.
+        # Padded micro-batches are cut from the rows sorted by length (`length_grouping`), as in training.
         if self._eval_batches is None:
-            batches = self.eval_shard.iter_torch_batches(batch_size=self.eval_batch_size, collate_fn=self.collate)
-            self._eval_batches = [_to_device(batch, self.device) for batch in batches]
+            rows = _all_rows(self.eval_shard.iter_batches(batch_size=None, batch_format="numpy"))
+            batches = micro_batches(rows, self.eval_batch_size, self.length_grouping) if rows else []
+            self._eval_batches = [_to_device(self.collate(batch), self.device) for batch in batches]
         return torch.utils.data.DataLoader(_IterableOf(lambda: iter(self._eval_batches)), batch_size=None)
 
 
@@ -314,6 +316,22 @@ def micro_batches(rows: dict[str, Any], batch_size: int, by_length: bool):
     for start in range(0, count, batch_size):
         index = order[start : start + batch_size]
         yield {name: column[index] for name, column in rows.items()}
+
+
+def _all_rows(blocks) -> dict[str, np.ndarray]:
+    """Numpy batches -> one batch of all their rows (object columns, so rows of any length concatenate)."""
+    columns: dict[str, list] = {}
+    for block in blocks:
+        for name, column in block.items():
+            columns.setdefault(name, []).extend(column)
+    return {name: _object_array(values) for name, values in columns.items()}
+
+
+def _object_array(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    for index, value in enumerate(values):
+        array[index] = value
+    return array
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -151,6 +151,24 @@ def test_the_workers_ray_loaders_feed_padding_free_batches(ray_local):
     assert sorted(n for lengths in evaluation for n in lengths) == [row["length"] for row in rows]
 
 
+def test_padded_evaluation_batches_are_cut_from_rows_sorted_by_length(ray_local):
+    """With length grouping, each padded evaluation micro-batch holds rows of neighbouring lengths: less padding,
+    every validation row still evaluated exactly once."""
+    import ray.data
+
+    from medray.worker import _ray_collate, _RayStreams
+
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4, 6, 10]
+    rows = [{"input_ids": list(range(1, 1 + n)), "length": n} for n in lengths]
+    train = load_config(None, ["train.per_device_batch_size=2", "train.eval_batch_size=4"]).train
+    shard = ray.data.from_items(rows).iterator()
+    collate = _ray_collate(RowCollator("padded", pad_token_id=0))
+    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=True)
+    evaluation = [batch["attention_mask"].sum(dim=1).tolist() for batch in streams.eval_loader()]
+    assert evaluation == [[10, 9, 8, 7], [6, 5, 4, 3], [2, 1]]
+    assert [batch["input_ids"].shape[1] for batch in streams.eval_loader()] == [10, 6, 2]  # padded to the longest
+
+
 def row_lengths(batch) -> list[int]:
     """The rows of a padding-free batch, from where its position ids restart."""
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
