@@ -30,6 +30,7 @@ from medray.batching import RowCollator, groups_by_length, layout_problem, resol
 from medray.config import MedrayConfig, TrainArgs
 from medray.console import quiet_worker
 from medray.contracts import WorkerPlan, WorkerResult
+from medray.cuda_allocator import use_expandable_segments
 from medray.model import load_model, resolve_backend, resolve_optimizer, resolve_precision
 from medray.scratch import rank_dir, remove_rank_scratch, resume_dir
 from medray.tracking import setup_worker as setup_tracking
@@ -83,6 +84,7 @@ def _train_loop(config: dict[str, Any]) -> WorkerResult | None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        use_expandable_segments()  # what importing Unsloth would set, had CUDA not been initialised already
     model, tokenizer = load_model(cfg, backend, device)
 
     # 3. Data: this worker's shard of the pre-tokenized splits, streamed from Ray Data.
