@@ -220,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     command = train_command(args, data_path, len(rows))
     print("RUN", shlex.join(command), flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    # The output streams into the log as it comes: a run stopped by a time limit still shows how far it got.
+    with open(args.log, "w") as log:
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     wall_s = time.perf_counter() - started
-    Path(args.log).write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         print(f"medray train failed (exit {done.returncode}); its output is in {args.log}", file=sys.stderr)
         return 1
-    summary_path = Path([line for line in done.stdout.splitlines() if line.startswith("summary:")][-1].split()[-1])
+    output = Path(args.log).read_text()
+    summary_path = Path([line for line in output.splitlines() if line.startswith("summary:")][-1].split()[-1])
     summary = json.loads(summary_path.read_text())
     history = json.loads((summary_path.parent / "history.json").read_text())
     parts = measure(summary, history, wall_s, args.steps)
