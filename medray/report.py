@@ -1,5 +1,7 @@
 """A finished run's folder -> `report.md` (Markdown tables), `loss.png` (training and validation loss by step) and
-`report.html` (the same report as one page, the plot inline).
+`report.html` (the same report as one page, the plot inline). This module assembles the Markdown; the plot is drawn
+by `medray.report_plot`, the page by `medray.report_html`, the "Read with care" warnings come from
+`medray.report_warnings`.
 
 The report holds, like the reference notebook's closing cells: the recipe with the values the run used (optimizer,
 precision, backend, device, batch layout) and the keys changed from the defaults; warnings where the numbers
@@ -18,45 +20,22 @@ carry the fields of `medray.metrics.TrainingMetricsCallback`. The driver writes 
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime
-import html
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from medray.contracts import RunSummary, SearchSummary, read_summary
+from medray.report_html import render_html
+from medray.report_plot import best_validation, losses_by_step, plot_losses
+from medray.report_warnings import warnings_section
 
 logger = logging.getLogger(__name__)
 
-TRAIN_COLOR = "#1f77b4"
-VALIDATION_COLOR = "#ff7f0e"
-FIGURE_SIZE_IN = (8, 5)
-FIGURE_DPI = 100
 LONGEST_VALUE = 100
 CPU_RUN = "n/a (CPU run)"
-FEW_VALIDATION_ROWS = 10
-HTML_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-th {{ background: #f4f4f4; }}
-img {{ max-width: 100%; }}
-code {{ background: #f4f4f4; }}
-</style>
-</head>
-<body>
-{body}
-</body>
-</html>
-"""
 
 
 def write_report(run_dir: str | Path, location: str | None = None) -> Path:
@@ -238,41 +217,6 @@ def changed_table(config: dict[str, Any]) -> str:
     return markdown_table(["key", "value", "default"], rows) if rows else "Every key has its default value."
 
 
-def run_warnings(summary: RunSummary | SearchSummary) -> list[str]:
-    """Where the report's numbers mislead: too few validation rows, more passes than the configured epochs,
-    validation rows that also appear in training."""
-    stats, train = summary.data or {}, summary.config.get("train", {})
-    found = []
-    validation = stats.get("rows_validation")
-    if validation is not None and 0 < validation < FEW_VALIDATION_ROWS:
-        found.append(
-            f"The validation loss is a mean over {validation} row(s): too few to rank checkpoints by; "
-            "use more rows or a larger data.validation_fraction."
-        )
-    rows_train, steps = stats.get("rows_train"), summary.steps
-    effective = getattr(summary, "effective", None) or {}
-    per_step = effective.get("rows_per_step")
-    if train.get("max_steps", -1) > 0 and rows_train and steps and per_step:
-        passes = steps * per_step / rows_train
-        if passes > train.get("num_epochs", 1) * 1.05:
-            found.append(
-                f"train.max_steps={train['max_steps']} made {passes:.1f} passes over the {rows_train} training rows; "
-                f"train.num_epochs={train.get('num_epochs')} does not apply when max_steps is set."
-            )
-    overlap = stats.get("rows_validation_in_train")
-    if overlap:
-        found.append(
-            f"{overlap} of the {validation} validation rows also appear in the training rows: the validation loss "
-            "measures memorisation there."
-        )
-    return found
-
-
-def warnings_section(summary: RunSummary | SearchSummary) -> list[str]:
-    found = run_warnings(summary)
-    return ["## Read with care", "\n".join(f"- {text}" for text in found)] if found else []
-
-
 def _data_source(data: dict[str, Any]) -> str:
     if data.get("sources"):
         return ", ".join(str(source.get("path") or source.get("hub_id")) for source in data["sources"])
@@ -294,16 +238,6 @@ def _steps(train: dict[str, Any], summary: RunSummary | SearchSummary) -> str:
     return f"{ran} ({train.get('num_epochs')} epoch(s))"
 
 
-def render_html(markdown_text: str, plot: Path, title: str) -> str:
-    """The report as one self-contained HTML page: the Markdown rendered, `loss.png` inlined as a data URI."""
-    import markdown
-
-    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
-    encoded = base64.b64encode(plot.read_bytes()).decode("ascii")
-    body = body.replace(f'src="{plot.name}"', f'src="data:image/png;base64,{encoded}"')
-    return HTML_PAGE.format(title=html.escape(f"medray report: {title}"), body=body)
-
-
 def config_rows(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """Flatten a nested config dict into (`section.key`, value) rows, in the config's order."""
     rows: list[tuple[str, Any]] = []
@@ -314,24 +248,6 @@ def config_rows(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any
         else:
             rows.append((name, value))
     return rows
-
-
-def losses_by_step(history: list[dict]) -> list[tuple[int, float | None, float | None]]:
-    """(step, training loss, validation loss) for every step with either, in step order (a later entry wins)."""
-    train: dict[int, float] = {}
-    validation: dict[int, float] = {}
-    for entry in history:
-        if "loss" in entry:
-            train[entry["step"]] = entry["loss"]
-        if "eval_loss" in entry:
-            validation[entry["step"]] = entry["eval_loss"]
-    return [(step, train.get(step), validation.get(step)) for step in sorted(train.keys() | validation.keys())]
-
-
-def best_validation(history: list[dict]) -> tuple[int, float] | None:
-    """(step, loss) of the lowest validation loss (the first, on a tie); None without evaluations."""
-    evaluated = [(step, loss) for step, _, loss in losses_by_step(history) if loss is not None]
-    return min(evaluated, key=lambda item: item[1]) if evaluated else None
 
 
 def loss_table(history: list[dict]) -> str:
@@ -439,44 +355,6 @@ QUALITY_FIGURES = [
     ("accuracy", _accuracy_cell),
     ("unparsable", lambda results: f"{results['unparsable_share']:.1%}" if "unparsable_share" in results else ""),
 ]
-
-
-def plot_losses(history: list[dict], path: Path, title: str = "") -> Path:
-    """Draw training and validation loss against step into an 800 x 500 PNG; the best validation loss is starred."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    rows = losses_by_step(history)
-    train = [(step, loss) for step, loss, _ in rows if loss is not None]
-    validation = [(step, loss) for step, _, loss in rows if loss is not None]
-    if train:
-        axes.plot(*zip(*train, strict=True), color=TRAIN_COLOR, linewidth=2, label="training loss")
-    if validation:
-        axes.plot(
-            *zip(*validation, strict=True), color=VALIDATION_COLOR, linewidth=2, marker="o", label="validation loss"
-        )
-        best_step, best_loss = best_validation(history)
-        axes.plot(
-            [best_step],
-            [best_loss],
-            linestyle="none",
-            marker="*",
-            markersize=16,
-            color=VALIDATION_COLOR,
-            markeredgecolor="black",
-            label=f"best validation loss ({best_loss:.4f}, step {best_step})",
-        )
-    if not rows:
-        axes.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=axes.transAxes)
-    axes.set(xlabel="step", ylabel="loss", title=title)
-    axes.grid(alpha=0.3)
-    if rows:
-        axes.legend()
-    figure.savefig(path, dpi=FIGURE_DPI)
-    return path
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from medray.config import MedrayConfig
-from medray.report import CPU_RUN, TRAIN_COLOR, VALIDATION_COLOR, write_report
+from medray.report import CPU_RUN, write_report
+from medray.report_plot import TRAIN_COLOR, VALIDATION_COLOR
 
 BEST_STEP = 60
 

@@ -15,7 +15,8 @@ from test_report import color_mask, make_run, read_table, synthetic_history
 
 from medray.contracts import RunSummary, WorkerResult
 from medray.driver import mean_train_loss, run_parts
-from medray.report import TRAIN_COLOR, VALIDATION_COLOR, write_report
+from medray.report import write_report
+from medray.report_plot import TRAIN_COLOR, VALIDATION_COLOR
 
 CPU_EFFECTIVE = {
     "backend": "hf",
