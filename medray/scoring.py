@@ -65,25 +65,18 @@ class Record:
 
 def score_loglik(questions: list[MedqaQuestion], model: ChoiceModel, variant: str) -> list[Record]:
     """Pick, for each question, the option whose letter the model finds most likely after the lm-eval prompt."""
-    started = time.perf_counter()
-    logliks = model.choice_logliks([loglik_prompt(q) for q in questions], loglik_choices())
-    seconds = (time.perf_counter() - started) / max(1, len(questions))
-    records = []
-    for question, scores in zip(questions, logliks, strict=True):
+
+    def read(question: MedqaQuestion, scores: list[float]) -> tuple[str | None, dict[str, Any]]:
         predicted = LETTERS[max(range(len(LETTERS)), key=lambda i: scores[i])]
-        records.append(
-            Record(
-                question_id=question.id,
-                model=variant,
-                method="loglik",
-                gold=question.gold,
-                predicted=predicted,
-                correct=predicted == question.gold,
-                seconds=seconds,
-                logliks=[float(score) for score in scores],
-            )
-        )
-    return records
+        return predicted, {"logliks": [float(score) for score in scores]}
+
+    return _score(
+        questions,
+        variant,
+        "loglik",
+        lambda: model.choice_logliks([loglik_prompt(q) for q in questions], loglik_choices()),
+        read,
+    )
 
 
 def score_generation(
@@ -91,25 +84,50 @@ def score_generation(
 ) -> list[Record]:
     """Ask each question in the run's prompt format (`build_prompt`), read the letter from the answer after
     `</think>`."""
+
+    def read(question: MedqaQuestion, output: Any) -> tuple[str | None, dict[str, Any]]:
+        fields = {
+            "new_tokens": output.new_tokens,
+            "generated": output.text,
+            "think_closed": THINK_CLOSE in output.text,
+            "stopped_at_eos": output.stopped_at_eos,
+        }
+        return extract_answer(output.text, question.options), fields
+
+    return _score(
+        questions,
+        variant,
+        "generation",
+        lambda: model.generate([build_prompt(generation_question(q)) for q in questions]),
+        read,
+    )
+
+
+def _score(
+    questions: list[MedqaQuestion],
+    variant: str,
+    method: str,
+    run: Callable[[], list[Any]],
+    read: Callable[[MedqaQuestion, Any], tuple[str | None, dict[str, Any]]],
+) -> list[Record]:
+    """One `Record` per question: `run` scores every question in one call, timed and shared out evenly; `read`
+    turns a question's output into the picked letter and the method's own fields."""
     started = time.perf_counter()
-    outputs = model.generate([build_prompt(generation_question(q)) for q in questions])
+    outputs = run()
     seconds = (time.perf_counter() - started) / max(1, len(questions))
     records = []
     for question, output in zip(questions, outputs, strict=True):
-        predicted = extract_answer(output.text, question.options)
+        predicted, fields = read(question, output)
         records.append(
             Record(
                 question_id=question.id,
                 model=variant,
-                method="generation",
+                method=method,
                 gold=question.gold,
                 predicted=predicted,
                 correct=predicted == question.gold,
                 seconds=seconds,
-                new_tokens=output.new_tokens,
-                generated=output.text,
-                think_closed=THINK_CLOSE in output.text,
-                stopped_at_eos=output.stopped_at_eos,
+                **fields,
             )
         )
     return records
