@@ -48,7 +48,7 @@ TINY_MISTRAL = dict(
     head_dim=16,
     max_position_embeddings=4096,
 )
-"""The CPU dry run's 2-layer model (the test suite's shape)."""
+"""The CPU dry run's 2-layer model; the test suite's tiny Mistral (tests/conftest.py) is built from it."""
 
 FULL_LENGTH = 2048
 REAL_LENGTHS = {"mean": 892, "sd": 177, "low": 300, "high": 1423}

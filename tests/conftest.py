@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.workload import TINY_MISTRAL
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,30 +80,13 @@ def pad_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     }
 
 
-TINY_MISTRAL_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
-
-
 def save_random_mistral(folder: Path, tokenizer_dir: Path, dtype=None, **shape) -> Path:
-    """Save a random-weight MistralForCausalLM of `shape` (v0.3 vocabulary) and the real tokenizer as safetensors."""
+    """Save a random-weight MistralForCausalLM and the real tokenizer as safetensors: the benchmark's 2-layer
+    `TINY_MISTRAL` (v0.3 vocabulary and settings), its sizes replaced by `shape`."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(
-        vocab_size=32768,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        **shape,
-    )
+    config = MistralConfig(**{**TINY_MISTRAL, **shape})
     torch.manual_seed(0)
     model = MistralForCausalLM(config)
     if dtype is not None:
@@ -114,7 +99,7 @@ def save_random_mistral(folder: Path, tokenizer_dir: Path, dtype=None, **shape) 
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
     """A 2-layer random-weight MistralForCausalLM with the real tokenizer, saved as safetensors."""
-    return save_random_mistral(tmp_path_factory.mktemp("tiny_mistral"), mistral_tokenizer_dir, **TINY_MISTRAL_SHAPE)
+    return save_random_mistral(tmp_path_factory.mktemp("tiny_mistral"), mistral_tokenizer_dir)
 
 
 TESTS_DIR = Path(__file__).resolve().parent
