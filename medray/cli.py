@@ -20,9 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 import yaml
 
 from medray import console
-from medray.config import ConfigError, MedrayConfig, load_config
-from medray.evaluate import add_arguments as add_evaluate_arguments
-from medray.evaluate import command as evaluate_command
+from medray.config import ConfigError, EvalArgs, MedrayConfig, load_config
 from medray.failures import RunFailedError
 from medray.presets import preset_names, preset_path, resolve_preset
 
@@ -156,6 +154,37 @@ def export_command(args: argparse.Namespace) -> int:
     out_dir = export_merged(resolve_run(args.run), args.merged, dtype=args.dtype)
     print(f"merged model: {out_dir} (model card {out_dir / 'README.md'})", flush=True)
     return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """`medray evaluate RUN_DIR ...`: the run's `eval` section, overridden by the flags given."""
+    from medray.evaluate import evaluate_run, print_evaluation, read_run
+
+    _, cfg = read_run(args.run_dir)
+    flags = {name: getattr(args, name) for name in EvalArgs.model_fields if getattr(args, name, None) is not None}
+    eval_args = MedrayConfig.from_dict({**cfg.to_dict(), "eval": {**cfg.eval.model_dump(), **flags}}).eval
+    outcome = evaluate_run(args.run_dir, eval_args, args.adapter)
+    print_evaluation(outcome.evaluation)
+    if outcome.records_path:
+        print(f"records: {outcome.records_path}", flush=True)
+    print(f"summary: {outcome.summary_path}", flush=True)
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `medray evaluate` arguments; each flag overrides the run's `eval.*` setting of the same name."""
+    parser.add_argument("run_dir", help="the folder `medray train` printed before summary.json")
+    parser.add_argument("--medqa", help="MedQA-USMLE 4-option questions: a .jsonl file or a hub dataset id")
+    parser.add_argument("--limit", type=int, help="score only the first N MedQA questions")
+    parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="another adapter or run to score")
+    switch = dict(action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--generation", help="also score MedQA by generation (default: eval.generation)", **switch)
+    parser.add_argument("--validation", help="score the held-out split (default: eval.validation)", **switch)
+    parser.add_argument("--max-new-tokens", type=int, help="token limit of each generated answer")
+    parser.add_argument("--batch-size", type=int, help="questions per batch sent to a replica")
+    parser.add_argument("--replicas", type=int, help="model replicas (default: the run's scaling.num_workers)")
+    parser.add_argument("--use-gpu", help="one GPU per replica (default: the run's scaling.use_gpu)", **switch)
+    parser.add_argument("--cpus-per-replica", type=float, help="CPUs per replica (default: scaling.cpus_per_worker)")
 
 
 def presets_command(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ checked on the driver before Ray starts an actor.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -342,35 +341,3 @@ def write_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> Path:
     summary.to_json(summary_path)
     write_report(run_dir)
     return summary_path
-
-
-# --- command line (`medray evaluate`, `jobs/evaluate.py`) --------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `medray evaluate` arguments; each flag overrides the run's `eval.*` setting of the same name."""
-    parser.add_argument("run_dir", help="the folder `medray train` printed before summary.json")
-    parser.add_argument("--medqa", help="MedQA-USMLE 4-option questions: a .jsonl file or a hub dataset id")
-    parser.add_argument("--limit", type=int, help="score only the first N MedQA questions")
-    parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="another adapter or run to score")
-    switch = dict(action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--generation", help="also score MedQA by generation (default: eval.generation)", **switch)
-    parser.add_argument("--validation", help="score the held-out split (default: eval.validation)", **switch)
-    parser.add_argument("--max-new-tokens", type=int, help="token limit of each generated answer")
-    parser.add_argument("--batch-size", type=int, help="questions per batch sent to a replica")
-    parser.add_argument("--replicas", type=int, help="model replicas (default: the run's scaling.num_workers)")
-    parser.add_argument("--use-gpu", help="one GPU per replica (default: the run's scaling.use_gpu)", **switch)
-    parser.add_argument("--cpus-per-replica", type=float, help="CPUs per replica (default: scaling.cpus_per_worker)")
-
-
-def command(args: argparse.Namespace) -> int:
-    """`medray evaluate RUN_DIR ...`: the run's `eval` section, overridden by the flags given."""
-    _, cfg = read_run(args.run_dir)
-    flags = {name: getattr(args, name) for name in EvalArgs.model_fields if getattr(args, name, None) is not None}
-    eval_args = MedrayConfig.from_dict({**cfg.to_dict(), "eval": {**cfg.eval.model_dump(), **flags}}).eval
-    outcome = evaluate_run(args.run_dir, eval_args, args.adapter)
-    print_evaluation(outcome.evaluation)
-    if outcome.records_path:
-        print(f"records: {outcome.records_path}", flush=True)
-    print(f"summary: {outcome.summary_path}", flush=True)
-    return 0

@@ -1,5 +1,6 @@
-"""The `medray` command as a person finds it: help without arguments, --version, `python -m medray`, the preset list,
-the effective config as YAML, and `tune --help` naming the README's preset. All in-process except `python -m`."""
+"""The `medray` command as a person finds it: help without arguments, --version, `python -m medray` (which imports
+neither torch nor Ray to print), the preset list, the effective config as YAML, and `tune --help` naming the README's
+preset. All in-process except `python -m`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def test_python_dash_m_runs_the_same_command():
     result = subprocess.run([sys.executable, "-m", "medray", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"medray {version('medray')}"
+
+
+def test_help_version_and_presets_import_no_torch_or_ray():
+    # `python -m medray` for each command in one interpreter: the commands that only print must stay quick to start.
+    code = (
+        "import runpy, sys\n"
+        "for argv in (['--help'], ['--version'], ['presets'], ['evaluate', '--help']):\n"
+        "    sys.argv = ['medray', *argv]\n"
+        "    try:\n"
+        "        runpy.run_module('medray', run_name='__main__')\n"
+        "    except SystemExit as exited:\n"
+        "        assert exited.code in (0, None), (argv, exited.code)\n"
+        "print('heavy:', sorted(name for name in ('torch', 'ray', 'transformers') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "heavy: []"
 
 
 def test_presets_lists_each_preset_with_its_first_comment_line(capsys):
