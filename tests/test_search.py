@@ -19,18 +19,11 @@ from ray import tune
 from ray.tune.search import sample
 from ray.tune.search.variant_generator import generate_variants
 
+from medray import search_space
 from medray.config import ConfigError, MedrayConfig, load_config
 from medray.leaderboard import leaderboard_rows, write_search_outcome
 from medray.search import build_scheduler, trial_config
-from medray.search_space import (
-    WORST_METRIC,
-    check_search,
-    finite_metric,
-    max_concurrent_trials,
-    number_of_trials,
-    param_space,
-    trial_resources,
-)
+from medray.search_space import WORST_METRIC
 
 TINY_PRESET = "tiny-test"
 
@@ -55,7 +48,7 @@ def test_every_sampler_maps_onto_its_ray_tune_domain():
         "lora.r: {choice: [8, 16, 32]}, "
         "train.lr_scheduler: {grid: [linear, cosine]}}"
     )
-    space = param_space(cfg.tune)
+    space = search_space.param_space(cfg.tune)
 
     lr = space["train.learning_rate"]
     assert isinstance(lr, sample.Float) and isinstance(lr.get_sampler(), sample.LogUniform)
@@ -77,7 +70,7 @@ def test_samples_fall_inside_the_space_and_make_valid_trial_configs():
         "tune.space={train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}, lora.r: {choice: [8, 16]}, "
         "train.warmup_steps: {randint: [0, 3]}}"
     )
-    space = param_space(cfg.tune)
+    space = search_space.param_space(cfg.tune)
     for _ in range(20):
         params = {key: domain.sample() for key, domain in space.items()}
         trial = trial_config(cfg.to_dict(), params, trial_id="abc_00001", max_steps=7, search_path="/x/search")
@@ -110,8 +103,8 @@ def test_numbers_written_as_yaml_strings_are_read_as_numbers():
 
 def test_grid_times_num_samples_is_the_number_of_trials():
     cfg = config("tune.space={train.learning_rate: {grid: [1.0e-3, 1.0e-2, 10.0]}, lora.r: {grid: [4, 8]}}")
-    assert number_of_trials(cfg.tune.model_copy(update={"num_samples": 2})) == 12
-    variants = list(generate_variants(param_space(cfg.tune)))
+    assert search_space.number_of_trials(cfg.tune.model_copy(update={"num_samples": 2})) == 12
+    variants = list(generate_variants(search_space.param_space(cfg.tune)))
     assert len(variants) == 6
 
 
@@ -119,7 +112,7 @@ def test_default_space_is_a_learning_rate_and_lora_search():
     cfg = MedrayConfig()
     assert set(cfg.tune.space) == {"train.learning_rate", "lora.r", "lora.alpha"}
     assert cfg.tune.metric == "eval_loss" and cfg.tune.mode == "min" and cfg.tune.scheduler == "asha"
-    check_search(cfg)
+    search_space.check_search(cfg)
 
 
 # -- every problem named before anything starts ---------------------------------------------------------------------
@@ -159,7 +152,7 @@ def test_an_integer_setting_needs_an_integer_sampler():
 def test_values_a_sampler_can_draw_are_checked_against_the_setting():
     cfg = config("tune.space={lora.r: {choice: [0, 8]}, lora.dropout: {uniform: [0.0, 1.0]}}")
     with pytest.raises(ConfigError) as caught:
-        check_search(cfg)
+        search_space.check_search(cfg)
     message = str(caught.value)
     assert "tune.space.lora.r can draw 0: lora.r" in message
     assert "tune.space.lora.dropout can draw 1.0" in message
@@ -168,7 +161,7 @@ def test_values_a_sampler_can_draw_are_checked_against_the_setting():
 def test_search_needs_a_validation_split_and_an_evaluation_before_the_end():
     cfg = config("data.validation_fraction=0", "tune.max_steps=4", "train.eval_steps=5", "tune.grace_period=6")
     with pytest.raises(ConfigError) as caught:
-        check_search(cfg)
+        search_space.check_search(cfg)
     message = str(caught.value)
     assert "needs a validation split" in message
     assert "train.eval_steps=5 is more than the 4 steps" in message
@@ -188,9 +181,9 @@ def test_asha_counts_optimizer_steps_and_lets_finishing_trials_finish():
 
 
 def test_trial_driver_reserves_no_cpu_by_default():
-    assert trial_resources(config().tune) == {"CPU": 0, "memory": 64 * 1024**2}
-    assert trial_resources(config("tune.trial_cpus=0.5").tune) == {"CPU": 0.5}
-    tune.with_resources(lambda params: None, trial_resources(config().tune))  # a reservation Tune accepts
+    assert search_space.trial_resources(config().tune) == {"CPU": 0, "memory": 64 * 1024**2}
+    assert search_space.trial_resources(config("tune.trial_cpus=0.5").tune) == {"CPU": 0.5}
+    tune.with_resources(lambda params: None, search_space.trial_resources(config().tune))  # a reservation Tune accepts
 
 
 @pytest.mark.parametrize(
@@ -204,23 +197,31 @@ def test_trial_driver_reserves_no_cpu_by_default():
     ],
 )
 def test_concurrency_is_what_the_cluster_holds(overrides, cluster, expected):
-    assert max_concurrent_trials(config(*overrides), cluster) == expected
+    assert search_space.max_concurrent_trials(config(*overrides), cluster) == expected
 
 
 def test_a_trial_bigger_than_the_cluster_is_a_config_error():
     with pytest.raises(ConfigError, match=r"one trial needs \{'CPU': 2.0, 'GPU': 2.0\}.*tune.max_concurrent_trials"):
-        max_concurrent_trials(config("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0})
+        search_space.max_concurrent_trials(
+            config("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0}
+        )
 
 
 # -- metrics into Tune ----------------------------------------------------------------------------------------------
 
 
 def test_a_diverged_metric_becomes_the_worst_value():
-    assert finite_metric({"eval_loss": 1.5, "step": 2}, "eval_loss", WORST_METRIC) == {"eval_loss": 1.5, "step": 2}
+    assert search_space.finite_metric({"eval_loss": 1.5, "step": 2}, "eval_loss", WORST_METRIC) == {
+        "eval_loss": 1.5,
+        "step": 2,
+    }
     for bad in (float("nan"), float("inf"), None, 1e31):
         report = {"eval_loss": bad, "step": 2} if bad is not None else {"step": 2}
-        assert finite_metric(report, "eval_loss", WORST_METRIC)["eval_loss"] == WORST_METRIC
-    assert finite_metric({"eval_loss": float("nan")}, "eval_loss", -WORST_METRIC)["eval_loss"] == -WORST_METRIC
+        assert search_space.finite_metric(report, "eval_loss", WORST_METRIC)["eval_loss"] == WORST_METRIC
+    assert (
+        search_space.finite_metric({"eval_loss": float("nan")}, "eval_loss", -WORST_METRIC)["eval_loss"]
+        == -WORST_METRIC
+    )
 
 
 # -- leaderboard, best config, summary ------------------------------------------------------------------------------
