@@ -135,14 +135,14 @@ def test_the_workers_ray_loaders_feed_padding_free_batches(ray_local):
     """Train: each optimizer step's 4 rows as 2 micro-batches of 2 rows; evaluation: `train.eval_batch_size` rows."""
     import ray.data
 
-    from medray.worker import _ray_collate, _RayStreams
+    from medray.ray_streams import RayStreams, ray_collate
 
     rows = [{"input_ids": list(range(1, 2 + n)), "length": 1 + n} for n in range(10)]
     train = load_config(None, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=2",
                                "train.eval_batch_size=5"]).train  # fmt: skip
     shard = ray.data.from_items(rows).iterator()
-    collate = _ray_collate(RowCollator("padding_free", pad_token_id=0))
-    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=False)
+    collate = ray_collate(RowCollator("padding_free", pad_token_id=0))
+    streams = RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=False)
     first = [row_lengths(batch) for _, batch in zip(range(4), streams.train_loader(), strict=False)]
     assert [len(lengths) for lengths in first] == [2, 2, 2, 2]
     assert len({n for lengths in first for n in lengths}) == 8  # 8 different rows: two steps, nothing repeated
@@ -156,14 +156,14 @@ def test_padded_evaluation_batches_are_cut_from_rows_sorted_by_length(ray_local)
     every validation row still evaluated exactly once."""
     import ray.data
 
-    from medray.worker import _ray_collate, _RayStreams
+    from medray.ray_streams import RayStreams, ray_collate
 
     lengths = [3, 9, 1, 7, 5, 2, 8, 4, 6, 10]
     rows = [{"input_ids": list(range(1, 1 + n)), "length": n} for n in lengths]
     train = load_config(None, ["train.per_device_batch_size=2", "train.eval_batch_size=4"]).train
     shard = ray.data.from_items(rows).iterator()
-    collate = _ray_collate(RowCollator("padded", pad_token_id=0))
-    streams = _RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=True)
+    collate = ray_collate(RowCollator("padded", pad_token_id=0))
+    streams = RayStreams(shard, shard, train, collate, torch.device("cpu"), length_grouping=True)
     evaluation = [batch["attention_mask"].sum(dim=1).tolist() for batch in streams.eval_loader()]
     assert evaluation == [[10, 9, 8, 7], [6, 5, 4, 3], [2, 1]]
     assert [batch["input_ids"].shape[1] for batch in streams.eval_loader()] == [10, 6, 2]  # padded to the longest
