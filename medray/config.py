@@ -12,15 +12,14 @@ before any Ray worker starts. Plain dicts (`to_dict`) cross the Ray boundary; wo
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from medray.config_base import Section
+from medray.config_base import ConfigError, Section
+from medray.config_input import apply_overrides, read_yaml
 from medray.tune_config import TuneArgs
 
 ROW_ISOLATING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -380,104 +379,7 @@ class MedrayConfig(Section):
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            raise ConfigError.from_validation(error) from None
-
-
-class ConfigError(ValueError):
-    """A config with one or more problems; the message names every one."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        listing = "\n".join(f"  - {problem}" for problem in problems)
-        super().__init__(f"invalid medray config ({len(problems)} problem(s)):\n{listing}")
-
-    @classmethod
-    def from_validation(cls, error: ValidationError) -> ConfigError:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(part) for part in item["loc"]) or "config"
-            if item["type"] == "extra_forbidden":
-                problems.append(f"{key}: unknown key; allowed keys here: {_allowed_keys(item['loc'])}")
-            elif not item["loc"]:  # a check across sections: its message names the keys
-                problems.append(item["msg"].removeprefix("Value error, "))
-            else:
-                problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-        return cls(problems)
-
-
-def _allowed_keys(location: tuple) -> str:
-    section: type[BaseModel] = MedrayConfig
-    for part in location[:-1]:
-        field = section.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return "?"
-        section = annotation
-    return ", ".join(section.model_fields)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.learning_rate=1e-4` -> (["train", "learning_rate"], 0.0001); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected KEY=VALUE, e.g. train.max_steps=20"])
-    key, _, raw = text.partition("=")
-    parts = [part for part in key.strip().split(".") if part]
-    if not parts:
-        raise ConfigError([f"override {text!r}: the key is empty"])
-    return parts, _parse_value(raw) if raw.strip() else None
-
-
-# An override is one shell argument, so ` #` in it is text, never a YAML comment: it is swapped for a private-use
-# character while the value is parsed as YAML, then put back.
-_HASH_STANDIN = "\ue000"
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        text = raw.replace(" #", " " + _HASH_STANDIN)
-        text = _HASH_STANDIN + text[1:] if text.startswith("#") else text
-        return _restore_hashes(yaml.safe_load(text))
-    except yaml.YAMLError:  # not YAML (e.g. unbalanced brackets in a template): the text itself
-        return raw
-
-
-def _restore_hashes(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace(_HASH_STANDIN, "#")
-    if isinstance(value, list):
-        return [_restore_hashes(item) for item in value]
-    if isinstance(value, dict):
-        return {_restore_hashes(key): _restore_hashes(item) for key, item in value.items()}
-    return value
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `values` with every `key.sub=value` override applied."""
-    merged = copy.deepcopy(values)
-    for override in overrides:
-        parts, value = parse_override(override)
-        node = merged
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError([f"override {override!r}: {part} is a value, not a section"])
-            node = child
-        node[parts[-1]] = value
-    return merged
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file, or the preset of that name (medray/presets/); neither, or a non-mapping, is a ConfigError."""
-    from medray.presets import resolve_preset
-
-    path = resolve_preset(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
-    if not isinstance(values, dict):
-        raise ConfigError([f"config file {path} must hold a mapping of sections, got {type(values).__name__}"])
-    return values
+            raise ConfigError.from_validation(error, cls) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MedrayConfig:

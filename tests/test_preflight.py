@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 from ray.train import WorkerGroupError
 
-from medray.config import ConfigError, load_config, parse_override
+from medray.config import ConfigError, load_config
+from medray.config_input import parse_override
 from medray.driver import run_training
 from medray.failures import describe_failure
 from medray.preflight import PreflightError, check_batches, check_model, check_storage, cluster_shortfall
