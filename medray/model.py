@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from typing import Any
 
 import torch
 
-from medray.config import MedrayConfig, ModelArgs, TrainArgs
+from medray.config import LoraArgs, MedrayConfig, ModelArgs, TrainArgs
 from medray.sources import resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -98,21 +99,11 @@ def _load_unsloth(cfg: MedrayConfig, device: torch.device | None):
     # on a second node never lands on the wrong GPU.
     device_index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=resolve_model_source(cfg.model.name),
-        max_seq_length=cfg.data.max_length,
-        dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg),
-        load_in_4bit=cfg.model.load_in_4bit,
-        device_map={"": device_index},
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
+        model_name=resolve_model_source(cfg.model.name), device_map={"": device_index}, **_unsloth_loading(cfg)
     )
     model = FastLanguageModel.get_peft_model(
         model,
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        bias=cfg.lora.bias,
+        **_lora_arguments(cfg.lora),
         use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
         random_state=cfg.train.seed,
     )
@@ -131,16 +122,30 @@ def load_unsloth_for_inference(cfg: MedrayConfig, adapter_dir: str | None, devic
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=adapter_dir or resolve_model_source(cfg.model.name),
-        max_seq_length=cfg.data.max_length,
-        dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg),
-        load_in_4bit=cfg.model.load_in_4bit,
         device_map={"": device.index or 0},
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
+        **_unsloth_loading(cfg),
     )
     FastLanguageModel.for_inference(model)
     _ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def _unsloth_loading(cfg: MedrayConfig) -> dict[str, Any]:
+    """`FastLanguageModel.from_pretrained`'s arguments for training and inference alike, but the model and device."""
+    return dict(
+        max_seq_length=cfg.data.max_length,
+        dtype=None if cfg.model.dtype == "auto" else compute_dtype(cfg),
+        load_in_4bit=cfg.model.load_in_4bit,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+
+
+def _lora_arguments(lora: LoraArgs) -> dict[str, Any]:
+    """The `lora` section in PEFT's names, which `LoraConfig` and Unsloth's `get_peft_model` both take."""
+    return dict(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias=lora.bias
+    )
 
 
 def _install_unsloth_iterable_shim() -> None:
@@ -165,14 +170,7 @@ def _load_hf(cfg: MedrayConfig, device: torch.device | None):
             use_gradient_checkpointing=cfg.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
+    lora = LoraConfig(**_lora_arguments(cfg.lora), task_type="CAUSAL_LM")
     return get_peft_model(model, lora), load_tokenizer(cfg.model)
 
 
