@@ -63,6 +63,25 @@ def mistral_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# Mistral v0.3's chat layout: `<s>[INST] user[/INST] assistant</s>`, a system turn put before the next user turn.
+MISTRAL_CHAT = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(mistral_tokenizer_dir):
+    """The v0.3 tokenizer with `MISTRAL_CHAT` as its chat template (its sentencepiece model ships none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
+    tokenizer.chat_template = MISTRAL_CHAT
+    return tokenizer
+
+
 def pad_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     """A plain HF data collator for tests: right-pad `input_ids` to the longest row; labels are -100 on padding."""
     import torch

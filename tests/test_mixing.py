@@ -11,21 +11,12 @@ from medray.config import MedrayConfig
 from medray.data import DataError, build_datasets
 
 IGNORE = -100
-MISTRAL_CHAT = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
-    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(mistral_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
-    tokenizer.chat_template = MISTRAL_CHAT
-    return tokenizer
+def tokenizer(chat_tokenizer):
+    """The tests here read chat rows: conftest's `chat_tokenizer`, with the chat template."""
+    return chat_tokenizer
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

@@ -12,13 +12,6 @@ from medray.prompts import format_prompt, generation_prompt, prompt_token_ids
 from medray.samples import IGNORE, prepare_batch
 
 BOS, EOS = 1, 2
-# Mistral v0.3's chat layout: `<s>[INST] user[/INST] assistant</s>`, a system turn put before the next user turn.
-MISTRAL_CHAT = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
-    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-)
 ROW = {"Question": "Why fever?", "Complex_CoT": "Infection is likely.", "Response": "Give antipyretics."}
 
 
@@ -27,15 +20,6 @@ def tokenizer(mistral_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(mistral_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(mistral_tokenizer_dir))
-    tokenizer.chat_template = MISTRAL_CHAT
-    return tokenizer
 
 
 def _prepare(rows, tokenizer, loss_on="completion", row_format="qa", **data):
