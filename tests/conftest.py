@@ -6,6 +6,7 @@ config with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -122,6 +123,15 @@ def tiny_mistral_dir(tmp_path_factory, mistral_tokenizer_dir) -> Path:
 
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for a block (a module-scoped fixture, before Ray starts); restore them after."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        yield
 
 
 def worker_runtime_env() -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pyarrow.fs as pafs
 import pytest
+from conftest import environment
 
 from medray.config import load_config
 from medray.driver import run_training
@@ -52,18 +53,12 @@ def cluster():
     # Ray's memory monitor counts every process on the machine: on a shared test machine it kills these runs for
     # other processes' memory. The kernel's OOM killer still applies.
     extra = {"RAY_memory_monitor_refresh_ms": "0"}
-    saved = {name: os.environ.get(name) for name in [*SECRETS, *extra]}
-    os.environ.update({**SECRETS, **extra})
-    context = ray.init(
-        address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False, log_to_driver=False
-    )
-    yield context
-    ray.shutdown()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with environment({**SECRETS, **extra}):
+        context = ray.init(
+            address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False, log_to_driver=False
+        )
+        yield context
+        ray.shutdown()
 
 
 def tiny(storage: Path, model_dir: Path, name: str, *overrides: str):

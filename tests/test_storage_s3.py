@@ -9,7 +9,6 @@ reach pyarrow (on the driver and on every worker) through the standard AWS varia
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 import pyarrow.fs
 import pytest
+from conftest import environment
 from s3server import seaweedfs
 from test_multinode import assert_adapter_loads
 
@@ -35,17 +35,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """One SeaweedFS for the module; its AWS variables are set in this process (and so in Ray started after)."""
-    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        saved = {name: os.environ.get(name) for name in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server, environment(server.env()):
+        yield server
 
 
 def bucket_files(s3, prefix: str) -> dict[str, int]:

@@ -9,7 +9,6 @@ one experiment (Ray Tune's `MLflowLoggerCallback`).
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import environment
 from raycluster import free_ports
 from s3server import stop
 
@@ -62,14 +62,8 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 1
 def tracked_env(mlflow_server):
     """The trackers' variables for the module, set before Ray starts so its workers see them too."""
     values = {"MLFLOW_TRACKING_URI": mlflow_server, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    yield values
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with environment(values):
+        yield values
 
 
 @pytest.fixture(scope="module")
