@@ -127,7 +127,9 @@ def test_auto_pads_and_groups_by_length_without_a_varlen_kernel(unsloth_model, t
 
     _, model, tokenizer = unsloth_model
     cfg = unsloth_config(tiny_mistral_dir, tmp_path)
-    shard = ray.data.from_items([{"input_ids": ids.tolist(), "length": len(ids)} for ids in rows_of(tokenizer)]).iterator()
+    shard = ray.data.from_items(
+        [{"input_ids": ids.tolist(), "length": len(ids)} for ids in rows_of(tokenizer)]
+    ).iterator()
     plan = WorkerPlan(run_id="auto-layout-gpu", max_steps=1, has_validation=False)
     trainer = _build_trainer(cfg, plan, 0, model, tokenizer, "unsloth", shard, None)
     expected = "padding_free" if varlen_attention_installed() else "padded, length-grouped"
