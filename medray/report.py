@@ -146,13 +146,18 @@ def _overview(summary: RunSummary | SearchSummary, history: list[dict], run_dir:
 def eos_stop_table(eos_stop: dict[str, Any]) -> str:
     """Base vs tuned: answers that ended with EOS before `max_new_tokens` (`medray generate --eos-check`)."""
     rows = [
-        [name, f"{counts['stopped']} / {counts['total']}", f"{100 * counts['stopped'] / max(counts['total'], 1):.0f} %"]
+        [
+            name,
+            f"{counts['stopped']} / {counts['total']}",
+            f"{100 * counts['stopped'] / max(counts['total'], 1):.0f} %",
+            "–" if counts.get("median_tokens_when_stopped") is None else str(counts["median_tokens_when_stopped"]),
+        ]
         for name, counts in (("base", eos_stop["base"]), ("tuned", eos_stop["tuned"]))
     ]
     where = "held-out rows" if eos_stop.get("rows") == "held-out" else "rows"
     return (
         f"Greedy answers to the run's {where} that ended with EOS within {eos_stop['max_new_tokens']} new tokens.\n\n"
-        + markdown_table(["model", "ended with EOS", "share"], rows)
+        + markdown_table(["model", "ended with EOS", "share", "median new tokens when it ended"], rows)
     )
 
 

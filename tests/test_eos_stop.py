@@ -1,0 +1,60 @@
+"""The tuned CPU demo model learned to stop (issue 11 §1): trained as the default job (`cpu-demo`: SmolLM2-135M-Instruct,
+LoRA, the loss on the reasoning, answer and EOS, `train.loss_on=completion`), it ends its greedy answers to the run's
+held-out rows with EOS well before `max_new_tokens` on more rows than the base model does. A count over the rows,
+recorded in `summary.json` (`evaluation.eos_stop`) and in the report's "Stopping at EOS" table.
+
+To keep CI short the run is the default job cut to STEPS optimizer steps with one evaluation at the end (the
+defaults otherwise: model, data, LoRA, learning rate, the loss on the completion). `MEDRAY_DEMO_RUN=<folder of a
+finished cpu-demo run>` copies that run instead of training (a local shortcut; the assertions are the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medray.cli import main
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+ROWS, MAX_NEW_TOKENS = 8, 256
+
+
+@pytest.fixture(scope="module")
+def demo_run_dir(tmp_path_factory, request) -> Path:
+    folder = tmp_path_factory.mktemp("demo") / "medray-demo"
+    if os.environ.get("MEDRAY_DEMO_RUN"):
+        shutil.copytree(os.environ["MEDRAY_DEMO_RUN"], folder)
+        return folder
+    request.getfixturevalue("ray_local")
+    from medray.config import load_config
+    from medray.driver import run_training
+
+    overrides = [f"train.max_steps={STEPS}", f"train.eval_steps={STEPS}", f"train.logging_steps={STEPS}"]
+    cfg = load_config("cpu-demo", [*overrides, f"run.storage_path={folder.parent}", "run.name=medray-demo"])
+    assert cfg.train.loss_on == "completion"  # the default this test is about
+    return Path(run_training(cfg).run_dir)
+
+
+def test_tuned_model_ends_with_eos_more_often_than_base(demo_run_dir, capsys):
+    args = ["--eos-check", "--limit", str(ROWS), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    assert main(["generate", str(demo_run_dir), *args]) == 0
+    out = capsys.readouterr().out
+    check = json.loads((demo_run_dir / "summary.json").read_text())["evaluation"]["eos_stop"]
+    print(json.dumps(check))
+    assert check["max_new_tokens"] == MAX_NEW_TOKENS and check["rows"] == "held-out"
+    base, tuned = check["base"], check["tuned"]
+    assert base["total"] == tuned["total"] == ROWS
+    assert tuned["stopped"] > base["stopped"]
+    assert tuned["stopped"] >= ROWS * 3 // 4
+    assert tuned["median_tokens_when_stopped"] <= MAX_NEW_TOKENS * 3 // 4  # well before the limit
+    report = (demo_run_dir / "report.md").read_text()
+    assert "## Stopping at EOS" in report
+    assert f"| tuned | {tuned['stopped']} / {ROWS} |" in report and f"| base | {base['stopped']} / {ROWS} |" in report
+    expected = f"base {base['stopped']}/{ROWS}, tuned {tuned['stopped']}/{ROWS}"
+    assert f"ended with EOS within {MAX_NEW_TOKENS} tokens on held-out rows: {expected}" in out
