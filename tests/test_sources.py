@@ -123,3 +123,8 @@ def test_smollm2_from_pypi_converts_to_a_model_with_the_same_logits(monkeypatch,
     started = time.monotonic()
     assert resolve_model_source(SMOLLM2, cache_dir=str(cache_dir)) == folder
     assert time.monotonic() - started < 1
+
+
+def test_pip_gets_the_raw_progress_bar_only_where_it_has_one():
+    assert sources._progress_flags("24.1") == sources._progress_flags("26.0.1") == ["--progress-bar", "raw"]
+    assert sources._progress_flags("23.2.1") == []  # Python 3.11's venv pip: it would refuse the option
