@@ -41,8 +41,9 @@ def resolve_layout(padding: str, backend: str, attn_implementation: str) -> str:
     `auto` is padding-free where it is also the faster layout, i.e. where a varlen attention kernel runs each packed
     row on its own: on unsloth with flash-attn or xformers installed, and on the hf backend with flash-attention.
     Without one, packed rows are correct but attend through a dense block-diagonal mask (Unsloth's SDPA fallback;
-    transformers' eager / sdpa), costlier than the padding it saves, so `auto` pads there (measured on one H200,
-    torch 2.11 without flash-attn/xformers: padding-free 6,372 tokens/s against padded 7,712; docs/benchmarks.md).
+    transformers' eager / sdpa), costlier than the padding it saves, so `auto` pads there (one H200, torch 2.11
+    without flash-attn/xformers, real-length rows 4 x 4: medray padding-free 6,372 tokens/s, bare Unsloth padded
+    7,712 and 8,679, medray padded and length-grouped 9,209; docs/benchmarks-status.md).
     """
     if padding != "auto":
         return padding

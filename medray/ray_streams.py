@@ -2,7 +2,7 @@
 optimizer step's rows per Ray batch cut into micro-batches, and the SFTTrainer subclass that uses them.
 
     trainer = streaming_trainer_class()(model=model, args=args, train_dataset=as_hf_iterable(shard, "train", 2048), ...)
-    trainer.ray_streams = RayStreams(train_shard, eval_shard, cfg.train, ray_collate(collate), args.device)
+    trainer.ray_streams = RayStreams(train_shard, eval_shard, cfg.train, ray_collate(collate), args.device, True)
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 #   real-length rows 4 x 4 (the bare run also times an evaluation of 1,971 real-length rows at micro-batch 4,
 #   the reference shape) | real-length 16 x 1 | full 2048-token rows 4 x 4. Real-length rows: Normal(892, 177)
 #   clipped to [300, 1423]; 30 steps, the last 25 timed; full rows 18 steps, the last 15 timed. medray runs take
-#   $KNOBS (default none: train.padding=auto, padding-free on Unsloth).
+#   $KNOBS (default none: train.padding=auto, padding-free on Unsloth only with flash-attn or xformers installed,
+#   else padded and length-grouped).
 # reference: `benchmarks/reference_run.py`: start-up, 200 optimizer steps of 16 real-length rows, one evaluation of
 #   1,971 rows, one checkpoint, all in one `medray train` process on the 7B-shape random model; the full run
 #   (1,108 steps, 5 evaluations, 6 checkpoints) projected from those parts.
