@@ -42,7 +42,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "medray" / "sample_data" / "medic
 
 def run_config(args: argparse.Namespace) -> MedrayConfig:
     """The run being served: the reference recipe's model settings (unsloth, 4-bit) on GPU, hf fp32 on CPU."""
-    backend = ["model.backend=hf", "model.load_in_4bit=false"] if args.cpu else ["model.backend=unsloth"]
+    backend = (
+        ["model.backend=hf", "model.load_in_4bit=false"]
+        if args.cpu
+        else ["model.backend=unsloth", "scaling.use_gpu=true"]
+    )
     return load_config(None, [f"model.name={args.model_dir}", *backend, "lora.r=16", "lora.alpha=16"])
 
 
@@ -124,6 +128,40 @@ def table(records: list[dict[str, Any]]) -> str:
         for item in records
     ]
     return markdown_table(header, rows)
+
+
+GENERATION_RECORDS = "generate_speed.jsonl"
+"""The records' file, beside docs/benchmarks.json: one JSON line per batch size (`--json`)."""
+
+
+def generation_section(path: str | Path) -> str | None:
+    """docs/benchmarks.md's section for the newest measurement in a `--json` file (None when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    newest = [record for record in records if record["measured_at"] == records[-1]["measured_at"]]
+    first = newest[0]
+    versions = ", ".join(f"{name} {version}" for name, version in (first.get("versions") or {}).items() if version)
+    return "\n".join(
+        [
+            "## Generation speed (`medray generate`'s inference path)",
+            "",
+            table(newest),
+            "",
+            f"- {first['device']}, {first['measured_at'][:10]}, backend {first['backend']} (4-bit base + LoRA adapter "
+            f"r=16 on all seven projections), greedy, {first['max_new_tokens']} new tokens per row (random weights: no "
+            f"row stops early), prompts of {first['prompt_tokens_mean']:.0f} tokens on average, median of "
+            f"{first['repeats']} repeats after one warm-up batch; model load {first['load_s']} s; peak reserved "
+            + ", ".join(f"{r['peak_reserved_gib']} GiB (batch {r['batch']})" for r in newest)
+            + f". Versions: {versions}.",
+            "- Command: `python benchmarks/generate_speed.py --model-dir /tmp/m7b --tokenizer $TOK "
+            f"--json docs/{GENERATION_RECORDS} --repeats {first['repeats']}` (on the GPU; `$TOK`: the bundle's "
+            "tokenizer.model).",
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -43,6 +44,9 @@ FULL_RUN = {"steps": 1108, "evaluations": 5, "checkpoints": 6}
 (steps 200..1000), plus the final checkpoint."""
 VALIDATION_ROWS = 1971
 """The reference run's validation split: 10 % of medical-o1 `en`'s 19,704 rows."""
+PADDING_FREE_OFF = "Turning padding-free batching off"
+PROGRESS = re.compile(r"\[medray\] step (\d+)/\d+ .*?\| (loss|eval_loss) [\d.]+ .*?elapsed (\d+):(\d\d):(\d\d)")
+"""A progress line of the run's console log: step, training or evaluation loss, elapsed H:MM:SS of the loop."""
 WORDS = (
     "patient presents with acute chest pain fever cough dyspnea history of hypertension diabetes mellitus "
     "examination reveals tachycardia murmur edema laboratory findings show elevated troponin creatinine leukocytosis "
@@ -134,6 +138,24 @@ def measure(summary: dict[str, Any], history: list[dict[str, Any]], wall_s: floa
     }
 
 
+def measure_log(output: str, wall_s: float) -> dict[str, Any]:
+    """The parts of one run read from its console log (rank 0's progress lines, every `logging_steps`), for a run
+    whose folder is gone (it stayed on a lent machine). Whole seconds: the evaluation's part also holds the
+    checkpoint save that follows it within the same second, so `checkpoint_seconds` is 0."""
+    at, evaluated = {}, None
+    for step, kind, hours, minutes, seconds in PROGRESS.findall(output):
+        elapsed = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        if kind == "loss":
+            at[int(step)] = elapsed
+        elif evaluated is None:
+            evaluated = elapsed
+    if len(at) < 2 or evaluated is None:
+        raise RuntimeError(f"the log has {len(at)} training progress lines and no evaluation: not a finished run")
+    history = [{"step": step, "loss": 0.0, "train_runtime_s": float(elapsed)} for step, elapsed in at.items()]
+    history.append({"eval_runtime": float(evaluated - at[max(at)])})
+    return measure({"train_runtime_s": evaluated}, history, wall_s, max(at))
+
+
 def project(parts: dict[str, Any]) -> dict[str, Any]:
     """The full reference run from the measured parts, in minutes."""
     seconds = (
@@ -190,9 +212,10 @@ def reference_section(records: list[dict[str, Any]]) -> str | None:
             markdown_table(["part", "measured", "in the full run"], rows),
             "",
             f"- Floor (<= {FLOOR_MINUTES} min on one GPU): {verdict}. {record['gpu']}, {record['date']}, "
-            f"batch {record['batch']} x {record['grad_accum']}, batch layout {record.get('batch_layout', 'n/a')}; "
+            f"batch {record['batch']} x {record['grad_accum']}, batch layout {record.get('batch_layout') or 'n/a'}; "
             f"rows: mean {lengths['mean']} tokens, p90 {lengths['p90']}, max {lengths['max']}.",
             f"- Unsloth printed 'Turning padding-free batching off': {record['padding_free_off_printed']}.",
+            *([f"- Measured from {record['measured_from']}."] if record.get("measured_from") else []),
             f"- Command: `{record['command']}`",
         ]
     )
@@ -210,28 +233,34 @@ def reference_line(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_log and args.wall_seconds is None:
+        parser.error("--from-log needs --wall-seconds: the wall time of that `medray train` process")
     tokenizer = load_tokenizer_source(args.model_dir)
     rows_needed = args.steps * 16 + 16 + args.validation_rows  # one spare step of training rows
-    data_path = Path(args.storage) / "reference_rows.jsonl"
-    data_path.parent.mkdir(parents=True, exist_ok=True)
     rows = make_rows(tokenizer, rows_needed, args.seed, scale=512 / 2048 if args.cpu else 1.0)
-    data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    command = train_command(args, data_path, len(rows))
-    print("RUN", shlex.join(command), flush=True)
-    started = time.perf_counter()
-    # The output streams into the log as it comes: a run stopped by a time limit still shows how far it got.
-    with open(args.log, "w") as log:
-        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    wall_s = time.perf_counter() - started
-    if done.returncode != 0:
-        print(f"medray train failed (exit {done.returncode}); its output is in {args.log}", file=sys.stderr)
-        return 1
-    output = Path(args.log).read_text()
-    summary_path = Path([line for line in output.splitlines() if line.startswith("summary:")][-1].split()[-1])
-    summary = json.loads(summary_path.read_text())
-    history = json.loads((summary_path.parent / "history.json").read_text())
-    parts = measure(summary, history, wall_s, args.steps)
+    if args.from_log:
+        output = Path(args.from_log).read_text()
+        parts = measure_log(output, args.wall_seconds)
+        run = {**_log_facts(output), "versions": _versions_of(args.versions_from)}
+        run["measured_from"] = (
+            f"its console log (`{args.from_log}`: rank 0's progress lines, whole seconds; the checkpoint save falls in "
+            f"the evaluation's second) and the process wall time measured by the call, {args.wall_seconds:.0f} s"
+        )
+    else:
+        output, wall_s, summary_path = _train(args, tokenizer, rows)
+        if summary_path is None:
+            return 1
+        summary = json.loads(summary_path.read_text())
+        parts = measure(summary, json.loads((summary_path.parent / "history.json").read_text()), wall_s, args.steps)
+        run = {
+            "batch_layout": summary.get("batch_layout"),
+            "rows_train": summary["data"]["rows_train"],
+            "eval_rows": summary["data"]["rows_validation"],
+            "gpu": _gpu_name(),
+            "versions": versions(),
+        }
     record = {
         "name": "reference run through `medray train`, projected",
         "variant": REFERENCE_RUN,
@@ -240,20 +269,54 @@ def main(argv: list[str] | None = None) -> int:
         "grad_accum": 4,
         **parts,
         **project(parts),
-        "batch_layout": summary.get("batch_layout"),
-        "rows_train": summary["data"]["rows_train"],
-        "eval_rows": summary["data"]["rows_validation"],
+        **run,
         "row_lengths": length_stats(len(tokenizer(_text(row, tokenizer))["input_ids"]) for row in rows[:500]),
-        "padding_free_off_printed": "Turning padding-free batching off" in done.stdout + done.stderr,
-        "date": datetime.date.today().isoformat(),
-        "gpu": _gpu_name(),
-        "versions": versions(),
+        "padding_free_off_printed": PADDING_FREE_OFF in output,
+        "date": args.date or datetime.date.today().isoformat(),
         "command": "python benchmarks/reference_run.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     print("RESULT", json.dumps(record), flush=True)
     if args.json:
         append_record(args.json, record)
     return 0
+
+
+def _train(args: argparse.Namespace, tokenizer, rows: list[dict[str, str]]) -> tuple[str, float, Path | None]:
+    """Write the rows, run `medray train` with its output streamed into `--log`; the output, the process wall time
+    and the run's summary.json (None when the run failed)."""
+    data_path = Path(args.storage) / "reference_rows.jsonl"
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = train_command(args, data_path, len(rows))
+    print("RUN", shlex.join(command), flush=True)
+    started = time.perf_counter()
+    # The output streams into the log as it comes: a run stopped by a time limit still shows how far it got.
+    with open(args.log, "w") as log:
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    wall_s = time.perf_counter() - started
+    output = Path(args.log).read_text()
+    if done.returncode != 0:
+        print(f"medray train failed (exit {done.returncode}); its output is in {args.log}", file=sys.stderr)
+        return output, wall_s, None
+    summary_line = [line for line in output.splitlines() if line.startswith("summary:")][-1]
+    return output, wall_s, Path(summary_line.split()[-1])
+
+
+def _log_facts(output: str) -> dict[str, Any]:
+    """What the run's closing lines say: its rows and the GPU ("Rows: N training, M validation", "Ran with: ... on
+    GPU, ...")."""
+    rows = re.search(r"^Rows: (\d+) training, (\d+) validation", output, re.MULTILINE)
+    ran = re.search(r"^Ran with: \S+ on ([^,]+),", output, re.MULTILINE)
+    if rows is None or ran is None:
+        raise RuntimeError("the log has no 'Rows:' or 'Ran with:' line: the run did not finish")
+    return {"batch_layout": None, "rows_train": int(rows[1]), "eval_rows": int(rows[2]), "gpu": ran[1]}
+
+
+def _versions_of(records_file: str | None) -> dict[str, Any] | None:
+    """The library versions of the newest record in a benchmarks JSON written on the same machine and image."""
+    if not records_file:
+        return None
+    return json.loads(Path(records_file).read_text())[-1]["versions"]
 
 
 def _text(row: dict[str, str], tokenizer) -> str:
@@ -279,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-rows", type=int, default=VALIDATION_ROWS, help="rows of the one evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="CPU dry run of the plumbing: a tiny model, hf backend")
+    parser.add_argument("--from-log", help="measure from the console log of an earlier run (its folder is gone)")
+    parser.add_argument("--wall-seconds", type=float, help="with --from-log: that process's wall time")
+    parser.add_argument("--versions-from", help="with --from-log: a benchmarks JSON from the same image (versions)")
+    parser.add_argument("--date", help="with --from-log: the day of that run (default today)")
     parser.add_argument("override", nargs="*", help="more medray key=value overrides")
     return parser
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.generate_speed import GENERATION_RECORDS, generation_section
 from benchmarks.reference_run import REFERENCE_RUN, reference_line, reference_section
 from medray.report import markdown_table
 
@@ -205,8 +206,8 @@ def projections(records, extra_startup_s: float = 0.0) -> tuple[list[dict[str, A
 # ---------------------------------------------------------------------------------------------------- markdown
 
 
-def render(records: list[dict[str, Any]], extra_startup_s: float = 0.0) -> str:
-    """The whole of docs/benchmarks.md."""
+def render(records: list[dict[str, Any]], extra_startup_s: float = 0.0, generation: str | None = None) -> str:
+    """The whole of docs/benchmarks.md (`generation`: the generation-speed section, placed before the commands)."""
     measured = reference_section(records)
     records = latest(records)
     if not records:
@@ -220,14 +221,16 @@ def render(records: list[dict[str, Any]], extra_startup_s: float = 0.0) -> str:
     parts.append("## Floors\n\n" + _floors_table(floor_checks(records)))
     parts += [measured] if measured else []
     parts.append(_projection_section(records, extra_startup_s))
+    parts += [generation] if generation else []
     parts.append("## Commands\n\n" + "\n".join(f"    {command}" for command in _commands(records)))
     return "\n\n".join(parts) + "\n"
 
 
 def write_report(json_path: str | Path, md_path: str | Path, extra_startup_s: float = 0.0) -> Path:
-    """Render the records at `json_path` into `md_path`."""
+    """Render the records at `json_path` (and the generation-speed records beside it) into `md_path`."""
     md_path = Path(md_path)
-    md_path.write_text(render(load_records(json_path), extra_startup_s))
+    generation = generation_section(Path(json_path).with_name(GENERATION_RECORDS))
+    md_path.write_text(render(load_records(json_path), extra_startup_s, generation))
     return md_path
 
 

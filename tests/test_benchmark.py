@@ -6,6 +6,7 @@ The GPU figures themselves come from tests/gpu/run.sh and run_real.sh; here the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -387,3 +388,61 @@ def test_medray_dry_run_through_the_driver_and_worker(tmp_path, tiny_mistral_dir
     assert (record["variant"], record["backend"], record["gpus"]) == ("medray", "hf", 1)
     assert [step[2] for step in record["steps"]] == expected_step_tokens(record)
     assert record["startup"]["startup_s"] > 0 and record["startup"]["fit_s"] > record["startup"]["train_loop_s"]
+
+
+# ---------------------------------------------------------------------------------------------------- reference run
+
+
+def _progress(step: int, seconds: int, loss: str = "loss 2.0") -> str:
+    elapsed = f"0:{seconds // 60:02d}:{seconds % 60:02d}"
+    return f"(RayTrainWorker pid=1) [medray] step {step}/200 (5%) | {loss} | lr 1e-4 | elapsed {elapsed}"
+
+
+def test_reference_parts_from_a_console_log():
+    from benchmarks.reference_run import measure_log, project
+
+    lines = [_progress(step, 30 + step * 2) for step in range(10, 101, 10)] + [_progress(100, 260, "eval_loss 1.9")]
+    parts = measure_log("\n".join(lines + ["summary: /gone/summary.json"]), wall_s=330.0)
+    assert parts["measured_steps"] == 100 and parts["measured_seconds"] == 230
+    assert parts["step_seconds"] == 2.0 and parts["warmup_extra_seconds"] == 30  # step 20 at 70 s = 20 x 2 + 30
+    assert parts["eval_seconds"] == 30 and parts["loop_seconds"] == 260 and parts["startup_seconds"] == 70
+    seconds = 70 + 30 + 1108 * 2.0 + 5 * 30
+    assert project(parts)["projected_minutes"] == round(seconds / 60, 1)
+    with pytest.raises(RuntimeError, match="no evaluation"):
+        measure_log("\n".join(lines[:-1]), wall_s=330.0)
+
+
+def test_reference_record_from_the_committed_h200_log(tmp_path, tiny_mistral_dir):
+    """docs/benchmarks.json's reference-run record is what the script derives from the committed log."""
+    from benchmarks import reference_run
+
+    out, docs = tmp_path / "records.json", Path(__file__).resolve().parents[1] / "docs"
+    argv = ["--model-dir", str(tiny_mistral_dir), "--from-log", str(docs / "logs/reference_run_2026-12-03.log")]
+    argv += ["--wall-seconds", "533", "--versions-from", str(docs / "logs/side1_bare_real_4x4_2026-12-03.json")]
+    assert reference_run.main([*argv, "--date", "2026-12-03", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())[-1]
+    committed = [r for r in json.loads((docs / "benchmarks.json").read_text()) if r["variant"] == "reference_run"][-1]
+    for key in ("measured_steps", "step_seconds", "eval_seconds", "startup_seconds", "projected_minutes", "eval_rows"):
+        assert record[key] == committed[key]
+    assert record["measured_steps"] == 200 and record["eval_rows"] == 1971 and record["gpu"] == "NVIDIA H200"
+    assert record["padding_free_off_printed"] is False
+
+
+def test_generation_speed_records_get_their_section(tmp_path, fixture_records):
+    source = tmp_path / "benchmarks.json"
+    source.write_text(json.dumps(fixture_records))
+    assert "## Generation speed" not in bench_report.write_report(source, tmp_path / "a.md").read_text()
+    common = {"max_new_tokens": 256, "prompt_tokens_mean": 169.0, "repeats": 2, "load_s": 7.5, "backend": "unsloth"}
+    common |= {"device": "NVIDIA H200", "versions": {"torch": "2.11.0"}, "decode_tokens_per_s_per_sequence": 17.5}
+    older = {**common, "batch": 1, "first_token_s": 9.0, "decode_tokens_per_s": 1.0, "tokens_per_s": 1.0}
+    rows = [{**older, "peak_reserved_gib": 4.0, "measured_at": "2026-12-02T10:00:00Z"}]
+    for batch, rate in ((1, 17.5), (32, 507.6)):
+        rows.append(
+            {**common, "batch": batch, "first_token_s": 0.879, "decode_tokens_per_s": rate, "tokens_per_s": rate}
+        )
+        rows[-1] |= {"peak_reserved_gib": 4.43, "measured_at": "2026-12-03T17:24:56Z"}
+    (tmp_path / "generate_speed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = bench_report.write_report(source, tmp_path / "b.md").read_text()
+    section = text[text.index("## Generation speed") : text.index("## Commands")]
+    assert "| 1 | 879 ms | 17.5 | 17.5 | 17.5 |" in section and "| 32 | 879 ms | 17.5 | 507.6 | 507.6 |" in section
+    assert "9000 ms" not in section and "NVIDIA H200, 2026-12-03" in section  # only the newest measurement
