@@ -7,8 +7,16 @@ the run's own training template (so `apply_chat_template` and chat endpoints pro
 
 - CPU or a transformers + peft run: the base is loaded as the run trained on it; a 4-bit (bitsandbytes) base is
   dequantized first; then peft's `merge_and_unload` folds the adapter into the weights, in float32 on CPU.
-- CUDA and an unsloth run: Unsloth's `save_pretrained_merged(..., save_method="merged_16bit")`, which dequantizes
-  the 4-bit base itself.
+- CUDA and an unsloth run: Unsloth's `save_pretrained_merged(..., save_method="merged_16bit")`. It folds the
+  adapter into the base's original 16-bit weights, not into the dequantized 4-bit ones (unsloth_zoo's
+  `saving_utils._merge_lora`; Falcon-H1 is its one exception): it reads the base's 16-bit shards from the model folder,
+  or, for a pre-quantized base such as `unsloth/mistral-7b-instruct-v0.3-bnb-4bit`, downloads the original 16-bit
+  model from the hub (online only). So on CUDA the merged model equals the 16-bit base + adapter, and differs from
+  the 4-bit base + adapter that trained by the quantization error. Run on one H200 (2026-12-03, random 7B-shape
+  weights saved in bf16, LoRA B random): 13.5 GB in 3 shards in 49 s; its logits were far from the 4-bit base +
+  adapter's (argmax agreement 4.8 %: random weights compound the quantization error over 32 layers), as that design
+  says; a check against the 16-bit base + adapter was not run (no device time left). Off CUDA, or to merge into the
+  dequantized 4-bit weights, pass `device="cpu"` (peft path).
 
 GGUF: no package installs a Hugging Face -> GGUF converter (the `gguf` package, llama.cpp's gguf-py, reads and writes
 GGUF files but does not convert checkpoints), so medray writes none. llama.cpp's own `convert_hf_to_gguf.py`
