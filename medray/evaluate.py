@@ -124,7 +124,11 @@ def evaluate_run(
 
     if not ray.is_initialized():
         ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # One batch of generations can legitimately outlast Ray Data's no-progress limit (30 min): 16 answers of 256
+    # tokens from a 7B model on CPU, or any model on a busy machine. medray's own progress line shows the pace.
+    context.execution_no_progress_timeout_s = -1
     replica = ReplicaSpec.from_config(run, args, variants)
     validation = validation_rows(cfg) if args.validation else []
     started = time.time()
