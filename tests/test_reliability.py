@@ -1,21 +1,17 @@
 """Slow tier: what a run survives, on one shared Ray cluster (2 CPUs) and the tiny random Mistral.
 
-- A worker killed with run.max_failures=0 ends the run in one line; the same command with max_failures=1 resumes
-  from the checkpoint, survives a second worker kill, and ends at exactly train.max_steps; a run started meanwhile
-  on the same folder is refused at once; the finished run is not trained again; a changed model is refused.
-- A killed driver leaves a stale lock; the same command run again takes it over and resumes to the exact step.
 - A full disk under run.storage_path ends the run in one line, and no half-written checkpoint stays.
-- No secret from the environment reaches any file of a run or of Ray's session folder.
 - Requests the cluster cannot hold fail before any worker is reserved.
+- Killed workers: test_reliability_workers.py; a killed driver: test_reliability_driver.py (files of their own, so
+  that pytest-xdist runs them side by side); both use the helpers here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,8 +26,7 @@ from medray.driver import run_training
 from medray.failures import RunFailedError
 from medray.preflight import PreflightError
 from medray.presets import resolve_preset
-from medray.runfolder import ResumeError, registered_checkpoints
-from medray.runlock import RunLockedError
+from medray.runfolder import registered_checkpoints
 from medray.scratch import scratch_root
 
 pytestmark = pytest.mark.slow
@@ -45,9 +40,9 @@ SECRETS = {
 STEPS = 12  # every 3 steps an evaluation and a checkpoint
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster for the module; its processes inherit the secrets the run must never write."""
+@contextlib.contextmanager
+def secret_cluster():
+    """A local Ray cluster (2 CPUs) whose processes inherit the secrets the run must never write; yields its context."""
     import ray
 
     # Ray's memory monitor counts every process on the machine: on a shared test machine it kills these runs for
@@ -57,8 +52,17 @@ def cluster():
         context = ray.init(
             address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False, log_to_driver=False
         )
+        try:
+            yield context
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One `secret_cluster` for the module."""
+    with secret_cluster() as context:
         yield context
-        ray.shutdown()
 
 
 def tiny(storage: Path, model_dir: Path, name: str, *overrides: str):
@@ -131,82 +135,6 @@ def test_requests_the_cluster_cannot_hold_fail_before_any_worker(cluster, tiny_m
     with pytest.raises(PreflightError, match=r"training row\(s\) over 1 worker\(s\) give \d+ per worker, fewer than"):
         run_training(tiny(tmp_path, tiny_mistral_dir, "batch", "train.per_device_batch_size=64"))
     assert not list(tmp_path.glob("*/checkpoint_*"))
-
-
-def test_worker_deaths_resume_and_the_run_folder_is_guarded(cluster, tiny_mistral_dir, tmp_path):
-    run_dir = tmp_path / "killed"
-    # 1. No restarts allowed: a killed worker ends the run with one line, after its first checkpoint.
-    killed = []
-    watcher = when_checkpointed(run_dir, lambda: killed.append(kill_a_train_worker()))
-    with pytest.raises(RunFailedError) as failure:
-        run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=0"))
-    watcher.join(5)
-    assert killed, "the run ended before a worker could be killed"
-    message = str(failure.value)
-    assert "\n" not in message
-    assert message.startswith(f"training in {run_dir} stopped (run.max_failures=0: no restart): a worker process died")
-    first_checkpoints = checkpoint_steps(run_dir)
-    assert first_checkpoints and max(first_checkpoints) < STEPS
-
-    # 2. The same command with one restart allowed: it resumes from that checkpoint; a second kill is absorbed; a
-    # run started meanwhile on the same folder is refused at once.
-    refused = []
-
-    def kill_and_collide():
-        kill_a_train_worker()
-        try:
-            run_training(tiny(tmp_path, tiny_mistral_dir, "killed"))
-        except RunLockedError as error:
-            refused.append(str(error))
-
-    watcher = when_checkpointed(run_dir, kill_and_collide, after_step=max(first_checkpoints))
-    outcome = run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=1"))
-    watcher.join(60)
-    assert refused and f"run folder {run_dir} is in use by another medray run (pid {os.getpid()}" in refused[0]
-    summary = outcome.summary
-    assert summary.steps == STEPS and history_steps(run_dir)[-1] == STEPS
-    assert summary.resumed_from_step > max(first_checkpoints)  # the second kill's restart resumed, mid-run
-    assert Path(summary.best_checkpoint, "adapter_model.safetensors").is_file()
-
-    # 3. Nothing is left in local scratch, and no secret reached a file of the run or of Ray's session folder.
-    assert not [item.name for item in scratch_root().glob("killed-*")]
-    session = Path(cluster.address_info["session_dir"])
-    leaks = [
-        f"{path}: {name}"
-        for root in (tmp_path, session)
-        for path in root.rglob("*")
-        if path.is_file() and not path.is_symlink()
-        for name, value in SECRETS.items()
-        if value.encode() in path.read_bytes()
-    ]
-    assert not leaks
-
-    # 4. The finished run is not trained again; a changed adapter shape is refused before anything starts.
-    again = run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "run.max_failures=1"))
-    assert again.result is None and again.summary.steps == STEPS and again.summary_path == f"{run_dir}/summary.json"
-    with pytest.raises(ResumeError, match=r"another model or data \(lora.r: 8 -> 16\)"):
-        run_training(tiny(tmp_path, tiny_mistral_dir, "killed", "lora.r=16"))
-
-
-def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tiny_mistral_dir, tmp_path):
-    run_dir = tmp_path / "driver"
-    overrides = [f"model.name={tiny_mistral_dir}", f"run.storage_path={tmp_path}", "run.name=driver"]
-    overrides += [f"train.max_steps={STEPS}", "train.eval_steps=3", "train.logging_steps=3"]
-    env = {**os.environ, "RAY_ADDRESS": cluster.address_info["gcs_address"], "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "medray.cli", "train", "--config", str(resolve_preset("tiny-test")), *overrides]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    when_checkpointed(run_dir, driver.kill).join(600)
-    assert driver.wait(30) == -signal.SIGKILL
-    lock = json.loads((tmp_path / ".driver.lock").read_text())
-    assert lock["pid"] == driver.pid  # the killed driver's lock is left behind
-    at_kill = checkpoint_steps(run_dir)
-    assert max(at_kill) < STEPS
-
-    outcome = run_training(tiny(tmp_path, tiny_mistral_dir, "driver"))
-    assert outcome.summary.resumed_from_step >= max(at_kill)
-    assert outcome.summary.steps == STEPS and history_steps(run_dir)[-1] == STEPS
-    assert not (tmp_path / ".driver.lock").exists()
-    assert not [item.name for item in scratch_root().glob("driver-*")]  # the killed attempt's scratch too
 
 
 @pytest.fixture
