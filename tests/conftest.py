@@ -22,6 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # Ray starts 32 footer readers per read otherwise
+# Ray's memory monitor counts every process on the machine, so it kills one test's workers for the memory of the
+# tests beside it (pytest-xdist) or of other work on the machine; the kernel's OOM killer still applies.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
 
 # The real rows live beside the checkout (../shared/data) and are never copied into the repo.
 SHARED_DATA = Path(os.environ.get("MEDRAY_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
