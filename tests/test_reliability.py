@@ -58,11 +58,19 @@ def secret_cluster():
             ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One `secret_cluster` for the module."""
-    with secret_cluster() as context:
-        yield context
+def cluster_fixture():
+    """A module-scoped `cluster` fixture, one `secret_cluster` per module: `module_cluster = cluster_fixture()`."""
+
+    @pytest.fixture(scope="module", name="cluster")
+    def fixture():
+        """One local Ray cluster for the module; its processes inherit the secrets the run must never write."""
+        with secret_cluster() as context:
+            yield context
+
+    return fixture
+
+
+module_cluster = cluster_fixture()
 
 
 def tiny(storage: Path, model_dir: Path, name: str, *overrides: str):

@@ -12,19 +12,14 @@ import subprocess
 import sys
 
 import pytest
-from test_reliability import REPO, STEPS, checkpoint_steps, history_steps, secret_cluster, tiny, when_checkpointed
+from test_reliability import REPO, STEPS, checkpoint_steps, cluster_fixture, history_steps, tiny, when_checkpointed
 
 from medray.driver import run_training
 from medray.presets import resolve_preset
 from medray.scratch import scratch_root
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with secret_cluster() as context:
-        yield context
+module_cluster = cluster_fixture()
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tiny_mistral_dir, tmp_path):

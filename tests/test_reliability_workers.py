@@ -17,9 +17,9 @@ from test_reliability import (
     SECRETS,
     STEPS,
     checkpoint_steps,
+    cluster_fixture,
     history_steps,
     kill_a_train_worker,
-    secret_cluster,
     tiny,
     when_checkpointed,
 )
@@ -31,12 +31,7 @@ from medray.runlock import RunLockedError
 from medray.scratch import scratch_root
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with secret_cluster() as context:
-        yield context
+module_cluster = cluster_fixture()
 
 
 def test_worker_deaths_resume_and_the_run_folder_is_guarded(cluster, tiny_mistral_dir, tmp_path):
