@@ -46,7 +46,9 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
-def wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+# mlflow server took 2.5 min to start on 2 cores beside the other pytest-xdist workers (its database migrations and
+# imports are CPU-bound): the limit leaves room for that.
+def wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 420) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and server.poll() is None:
         try:
