@@ -50,14 +50,21 @@ def run_config(args: argparse.Namespace) -> MedrayConfig:
     return load_config(None, [f"model.name={args.model_dir}", *backend, "lora.r=16", "lora.alpha=16"])
 
 
-def make_adapter(cfg: MedrayConfig, folder: Path, cpu: bool) -> Path:
-    """Save a fresh LoRA adapter of `cfg` for the base model (B = 0: a tuned model's compute, the base's outputs)."""
+def make_adapter(cfg: MedrayConfig, folder: Path, cpu: bool, b_scale: float = 0.0) -> Path:
+    """Save a fresh LoRA adapter of `cfg` for the base model. B = 0 by default (a tuned model's compute, the base's
+    outputs); `b_scale` > 0 draws B from a seeded normal of that scale, so the adapter changes the outputs."""
     import torch
 
     from medray.model import load_model
 
     backend = "hf" if cpu else "unsloth"
     model, _ = load_model(cfg, backend, torch.device("cpu" if cpu else "cuda:0"))
+    if b_scale:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_((torch.randn(param.shape, generator=generator) * b_scale).to(param.dtype))
     model.save_pretrained(str(folder))
     del model
     if not cpu:

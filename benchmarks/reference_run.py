@@ -112,18 +112,38 @@ def train_command(args: argparse.Namespace, data_path: Path, rows: int) -> list[
     return [sys.executable, "-m", "medray.cli", "train", "--config", "mistral7b-medical-o1", *overrides]
 
 
-def measure(summary: dict[str, Any], history: list[dict[str, Any]], wall_s: float, steps: int) -> dict[str, Any]:
+def measure(summary: dict[str, Any], history: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """The parts of one run, from its history: training steps, the evaluation, the checkpoint, the start-up."""
     train_logs = [entry for entry in history if "loss" in entry and "train_runtime_s" in entry]
     evals = [entry for entry in history if "eval_runtime" in entry]
     if not train_logs or not evals:
         raise RuntimeError(f"the run logged {len(train_logs)} training entries and {len(evals)} evaluations")
     at = {entry["step"]: entry["train_runtime_s"] for entry in train_logs}
+    return _parts(at, float(summary["train_runtime_s"]), float(evals[0]["eval_runtime"]), wall_s)
+
+
+def measure_log(output: str, wall_s: float) -> dict[str, Any]:
+    """The parts of one run read from its console log (rank 0's progress lines, every `logging_steps`), for a run
+    whose folder is gone (it stayed on a lent machine). Whole seconds: the evaluation's part also holds the
+    checkpoint save that follows it within the same second, so `checkpoint_seconds` is 0."""
+    at, evaluated = {}, None
+    for step, kind, hours, minutes, seconds in PROGRESS.findall(output):
+        elapsed = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        if kind == "loss":
+            at[int(step)] = float(elapsed)
+        elif evaluated is None:
+            evaluated = float(elapsed)
+    if len(at) < 2 or evaluated is None:
+        raise RuntimeError(f"the log has {len(at)} training progress lines and no evaluation: not a finished run")
+    return _parts(at, loop_s=evaluated, eval_s=evaluated - at[max(at)], wall_s=wall_s)
+
+
+def _parts(at: dict[int, float], loop_s: float, eval_s: float, wall_s: float) -> dict[str, Any]:
+    """The measured parts from the training loop's seconds at each logged step, the loop's and the evaluation's
+    seconds, and the process wall time."""
     last = max(at)
     first = min(step for step in at if step >= min(20, last // 2)) if last > 1 else last
     step_s = (at[last] - at[first]) / (last - first) if last > first else at[last] / last
-    loop_s = float(summary["train_runtime_s"])
-    eval_s = float(evals[0]["eval_runtime"])
     checkpoint_s = max(0.0, loop_s - at[last] - eval_s)  # the save after the evaluation, and the best-model reload
     return {
         "measured_steps": last,
@@ -136,24 +156,6 @@ def measure(summary: dict[str, Any], history: list[dict[str, Any]], wall_s: floa
         "wall_seconds": round(wall_s, 1),
         "startup_seconds": round(wall_s - loop_s, 1),
     }
-
-
-def measure_log(output: str, wall_s: float) -> dict[str, Any]:
-    """The parts of one run read from its console log (rank 0's progress lines, every `logging_steps`), for a run
-    whose folder is gone (it stayed on a lent machine). Whole seconds: the evaluation's part also holds the
-    checkpoint save that follows it within the same second, so `checkpoint_seconds` is 0."""
-    at, evaluated = {}, None
-    for step, kind, hours, minutes, seconds in PROGRESS.findall(output):
-        elapsed = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
-        if kind == "loss":
-            at[int(step)] = elapsed
-        elif evaluated is None:
-            evaluated = elapsed
-    if len(at) < 2 or evaluated is None:
-        raise RuntimeError(f"the log has {len(at)} training progress lines and no evaluation: not a finished run")
-    history = [{"step": step, "loss": 0.0, "train_runtime_s": float(elapsed)} for step, elapsed in at.items()]
-    history.append({"eval_runtime": float(evaluated - at[max(at)])})
-    return measure({"train_runtime_s": evaluated}, history, wall_s, max(at))
 
 
 def project(parts: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary_path is None:
             return 1
         summary = json.loads(summary_path.read_text())
-        parts = measure(summary, json.loads((summary_path.parent / "history.json").read_text()), wall_s, args.steps)
+        parts = measure(summary, json.loads((summary_path.parent / "history.json").read_text()), wall_s)
         run = {
             "batch_layout": summary.get("batch_layout"),
             "rows_train": summary["data"]["rows_train"],

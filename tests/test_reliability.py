@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
@@ -40,32 +39,25 @@ SECRETS = {
 STEPS = 12  # every 3 steps an evaluation and a checkpoint
 
 
-@contextlib.contextmanager
-def secret_cluster():
-    """A local Ray cluster (2 CPUs) whose processes inherit the secrets the run must never write; yields its context."""
-    import ray
-
-    # Ray's memory monitor counts every process on the machine: on a shared test machine it kills these runs for
-    # other processes' memory. The kernel's OOM killer still applies.
-    extra = {"RAY_memory_monitor_refresh_ms": "0"}
-    with environment({**SECRETS, **extra}):
-        context = ray.init(
-            address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False, log_to_driver=False
-        )
-        try:
-            yield context
-        finally:
-            ray.shutdown()
-
-
 def cluster_fixture():
-    """A module-scoped `cluster` fixture, one `secret_cluster` per module: `module_cluster = cluster_fixture()`."""
+    """A module-scoped `cluster` fixture: one local Ray cluster (2 CPUs) for the module, whose processes inherit the
+    secrets the run must never write (conftest.py turns Ray's memory monitor off for every test process).
+    Use: `module_cluster = cluster_fixture()`."""
 
     @pytest.fixture(scope="module", name="cluster")
     def fixture():
-        """One local Ray cluster for the module; its processes inherit the secrets the run must never write."""
-        with secret_cluster() as context:
+        import ray
+
+        with environment(SECRETS):
+            context = ray.init(
+                address="local",
+                num_cpus=2,
+                object_store_memory=600 * 1024**2,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
             yield context
+            ray.shutdown()
 
     return fixture
 

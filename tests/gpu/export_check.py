@@ -20,25 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.generate_speed import run_config  # noqa: E402
+from benchmarks.generate_speed import make_adapter, run_config  # noqa: E402
 from medray.export import export_merged  # noqa: E402
 from medray.inference import load_for_inference, resolve_run  # noqa: E402
-from medray.model import load_model  # noqa: E402
+from medray.model import load_tokenizer  # noqa: E402
 
 SENTENCE = "A 45-year-old man presents with chest pain radiating to the left arm."
-
-
-def save_random_adapter(cfg, folder: Path, device: torch.device, cpu: bool):
-    """A LoRA adapter of `cfg` with random B (so it changes the outputs), saved to `folder`; returns the tokenizer."""
-    model, tokenizer = load_model(cfg, "hf" if cpu else "unsloth", device)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_((torch.randn(param.shape, generator=generator) * 0.02).to(param.dtype))
-    model.save_pretrained(str(folder))
-    del model
-    return tokenizer
 
 
 def main() -> None:
@@ -51,7 +38,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     started = time.perf_counter()
-    tokenizer = save_random_adapter(run_config(args), work / "adapter", device, args.cpu)
+    cfg = run_config(args)
+    make_adapter(cfg, work / "adapter", args.cpu, b_scale=0.02)
     out["adapter_s"] = round(time.perf_counter() - started, 1)
     run = resolve_run(work / "adapter")
     started = time.perf_counter()
@@ -59,7 +47,7 @@ def main() -> None:
     out["export_s"] = round(time.perf_counter() - started, 1)
     out["files"] = sorted(path.name for path in (work / "merged").iterdir())
     out["merged_gib"] = round(sum(path.stat().st_size for path in (work / "merged").iterdir()) / 2**30, 2)
-    ids = tokenizer(SENTENCE, return_tensors="pt")["input_ids"].to(device)
+    ids = load_tokenizer(cfg.model)(SENTENCE, return_tensors="pt")["input_ids"].to(device)
     model, _ = load_for_inference(run, device=device)
     with torch.no_grad():
         tuned = model(input_ids=ids).logits.float().cpu()
