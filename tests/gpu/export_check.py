@@ -1,5 +1,6 @@
 """`medray export` on the GPU path (Unsloth's merged_16bit) for the 7B shape: the merged model's logits beside the
-4-bit base + adapter's and the base's, on one clinical sentence.
+4-bit base + adapter's, the base's, and the adapter's on the base's own 16-bit weights (what Unsloth merges into), on
+one clinical sentence.
 
     python tests/gpu/export_check.py --model-dir /tmp/m7b              # on the GPU (after jobs/benchmark.py --build)
     python tests/gpu/export_check.py --cpu --model-dir /tmp/tiny       # the peft path on CPU (a tiny model)
@@ -63,7 +64,29 @@ def main() -> None:
     out["max_abs_merged_vs_adapter"] = round((got - tuned).abs().max().item(), 4)
     out["max_abs_base_vs_adapter"] = round((base - tuned).abs().max().item(), 4)
     out["argmax_agree_merged_vs_adapter"] = round((got.argmax(-1) == tuned.argmax(-1)).float().mean().item(), 4)
+    del merged
+    out.update(_against_16bit_base(args.model_dir, run.adapter_dir, ids, dtype, device, got))
     print("EXPORTCHECK", json.dumps(out), flush=True)
+
+
+def _against_16bit_base(model_dir, adapter_dir, ids, dtype, device, merged_logits) -> dict:
+    """The merged model beside the adapter on the base's own 16-bit weights (what Unsloth's merge starts from)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base16 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    model = PeftModel.from_pretrained(base16, str(adapter_dir)).eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float().cpu()
+    difference = (merged_logits - reference).abs()
+    return {
+        "max_abs_merged_vs_16bit_adapter": round(difference.max().item(), 4),
+        "mean_abs_merged_vs_16bit_adapter": round(difference.mean().item(), 5),
+        "logit_scale_16bit_adapter": round(reference.abs().max().item(), 3),
+        "argmax_agree_merged_vs_16bit_adapter": round(
+            (merged_logits.argmax(-1) == reference.argmax(-1)).float().mean().item(), 4
+        ),
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 #   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz side [DEADLINE_S]        # 2 x H200 (nvidia-h200-x2), ~470 s
 #   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz reference 575            # 1 x H200, ~520 s (timeout_s 600)
 #   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz side1 575                # 1 x H200, the side-by-side in series
+#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz real1 575                # 1 x H200, the real-length 4 x 4 pair only
+#   bash tests/gpu/run_real.sh .gpu/bundle.tar.xz full1 575                # 1 x H200, the full-row 4 x 4 pair only
 #
 # side: one process per run, GPU 0 | GPU 1 at once, bare Unsloth beside medray (1 GPU) at the same shape:
 #   real-length rows 4 x 4 (the bare run also times an evaluation of 1,971 real-length rows at micro-batch 4,
@@ -45,11 +47,16 @@ case "$MODE" in
     bench medray1_full_4x4 1 200 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4 &
     wait
     ;;
-  side1)  # one GPU: the floors' pairs one after the other (real 4 x 4, then full 4 x 4), each skipped if time is short
-    bench bare_real_4x4 0 150 --variant bare "${REAL[@]}" --batch 4 --grad-accum 4
-    bench medray1_real_4x4 0 180 "${MEDRAY[@]}" "${REAL[@]}" --batch 4 --grad-accum 4 --profile
-    bench medray1_full_4x4 0 130 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4
-    bench bare_full_4x4 0 120 --variant bare "${FULL[@]}" --batch 4 --grad-accum 4
+  side1|real1|full1)  # one GPU: the floors' pairs one after the other (real 4 x 4, then full 4 x 4), each skipped if
+    # time is short; real1 / full1: one pair per call (a pair takes ~330 s / ~250 s with start-up)
+    if [ "$MODE" != full1 ]; then
+      bench bare_real_4x4 0 150 --variant bare "${REAL[@]}" --batch 4 --grad-accum 4
+      bench medray1_real_4x4 0 270 "${MEDRAY[@]}" "${REAL[@]}" --batch 4 --grad-accum 4
+    fi
+    if [ "$MODE" != real1 ]; then
+      bench medray1_full_4x4 0 210 "${MEDRAY[@]}" "${FULL[@]}" --batch 4 --grad-accum 4
+      bench bare_full_4x4 0 170 --variant bare "${FULL[@]}" --batch 4 --grad-accum 4
+    fi
     ;;
   reference)
     limit=$(( $(left) - 15 ))
@@ -70,6 +77,6 @@ case "$MODE" in
     bench knob_free_128 1 160 "${K[@]}" --pad-multiple 128 &
     wait
     ;;
-  *) echo "unknown mode $MODE: side, side1, reference or knobs"; exit 2 ;;
+  *) echo "unknown mode $MODE: side, side1, real1, full1, reference or knobs"; exit 2 ;;
 esac
 summary
